@@ -1,0 +1,459 @@
+"""The ``kidneytumorseg`` command (also ``python -m KidneyTumorSegLib``).
+
+Sub-commands: ``predict`` (CT files or folders to label files), ``evaluate`` (KiTS19 Dice of a prediction),
+``demo`` (a synthetic CT segmented end to end), ``model-info`` and ``init-model``.
+
+Exit status: 0 success; 1 a batch where some cases failed; 2 bad input (the message on stderr says what,
+which file and what to do; no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import __version__
+from .errors import InputImageError, KidneyTumorSegError, OutputError
+
+EXIT_OK, EXIT_PARTIAL, EXIT_BAD_INPUT = 0, 1, 2
+RESEARCH_ONLY = "For research use only; not for clinical diagnosis."
+
+
+# ------------------------------------------------------------------------------------------------ progress
+
+
+class ProgressPrinter:
+    """Shows a case's progress as a tqdm bar (stderr), JSON lines (stdout) or nothing."""
+
+    def __init__(self, mode: str, cases: int) -> None:
+        self.mode = mode
+        self.cases = cases
+        self.case = ""
+        self.index = 0
+        self._bar = None
+        self._started = 0.0
+
+    def start_case(self, case: str, index: int) -> None:
+        self.case, self.index = case, index
+        self._started = time.perf_counter()
+        if self.mode == "bar":
+            from tqdm import tqdm
+
+            prefix = f"[{index + 1}/{self.cases}] " if self.cases > 1 else ""
+            self._bar = tqdm(
+                total=100,
+                desc=f"{prefix}{case}",
+                unit="%",
+                file=sys.stderr,
+                leave=False,
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}",
+            )
+
+    def __call__(self, stage: str, fraction: float) -> None:
+        if self.mode == "bar" and self._bar is not None:
+            self._bar.set_description_str(f"{self.case} ({stage})", refresh=False)
+            self._bar.update(round(100 * fraction) - self._bar.n)
+        elif self.mode == "json":
+            elapsed = time.perf_counter() - self._started
+            eta = elapsed * (1.0 - fraction) / fraction if fraction > 0.02 else None
+            self.emit(
+                {
+                    "event": "progress",
+                    "case": self.case,
+                    "case_index": self.index,
+                    "cases": self.cases,
+                    "stage": stage,
+                    "fraction": round(fraction, 4),
+                    "eta_s": None if eta is None else round(eta, 1),
+                }
+            )
+
+    def end_case(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def emit(self, record: dict) -> None:
+        if self.mode == "json":
+            print(json.dumps(record), flush=True)
+
+
+def _error(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------- predict
+
+
+@dataclass
+class Case:
+    name: str
+    input: Path
+    output: Path
+
+
+def _expand_inputs(inputs: Sequence[str]) -> list[tuple[str, Path]]:
+    """(case name, input) for each input: a file; a folder of image files (each one a case); or a folder
+    holding one DICOM series (one case)."""
+    from .io import case_name, image_suffix
+
+    found = []
+    for raw in inputs:
+        path = Path(raw)
+        if not path.exists():
+            raise InputImageError(f"{path}: no such file or folder; check the path.")
+        if path.is_dir():
+            files = sorted(p for p in path.iterdir() if p.is_file() and image_suffix(p) and not p.name.startswith("."))
+            if files:
+                found += [(case_name(p), p) for p in files]
+                continue
+        found.append((case_name(path), path))
+    return found
+
+
+def plan_cases(inputs: Sequence[str], output: str, out_format: str) -> list[Case]:
+    """Pair inputs with outputs: a file to a file, or several inputs (or a folder) into a folder."""
+    from .io import LABEL_SUFFIXES
+
+    cases = _expand_inputs(inputs)
+    out = Path(output)
+    is_file_target = out.name.lower().endswith(LABEL_SUFFIXES) and not out.is_dir()
+    if is_file_target:
+        if len(cases) != 1:
+            raise OutputError(
+                f"{out}: {len(cases)} inputs cannot go into one file; give an output folder (-o FOLDER) instead."
+            )
+        planned = [Case(cases[0][0], cases[0][1], out)]
+    else:
+        if out.exists() and not out.is_dir():
+            raise OutputError(f"{out}: exists and is not a folder; give a folder, or a .nii.gz/.nrrd file name.")
+        names = [name for name, _ in cases]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise InputImageError(
+                f"several inputs share the case name {duplicates[0]!r}; their outputs would overwrite each other. "
+                "Rename them or run them separately."
+            )
+        planned = [Case(name, path, out / f"{name}.{out_format}") for name, path in cases]
+    for case in planned:
+        if case.output.resolve() == case.input.resolve():
+            raise OutputError(f"{case.output}: the output would overwrite its input; choose another name.")
+    return planned
+
+
+def _segment_options(args: argparse.Namespace):
+    from .pipeline import SegmentOptions
+
+    return SegmentOptions(
+        device=args.device,
+        overlap=args.overlap,
+        batch_size=args.batch_size,
+        tta=args.tta,
+        postprocess=not args.no_postprocess,
+        crop_to_body=not args.no_crop,
+    )
+
+
+def _load_model(spec: str | None, device: str = "cpu"):
+    from .inference import resolve_device
+    from .modelfile import load_model, resolve_model
+
+    return load_model(resolve_model(spec), resolve_device(device))
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .io import LABEL_SUFFIXES
+    from .metrics import format_volumes
+    from .pipeline import _validate_options, predict_file
+
+    options = _segment_options(args)
+    _validate_options(options)  # once, before any work: not once per case
+    model = _load_model(args.model, args.device)
+    cases = plan_cases(args.inputs, args.output, args.format)
+    folder = cases[0].output.parent
+    if not Path(args.output).name.lower().endswith(LABEL_SUFFIXES) and not folder.is_dir():
+        try:
+            folder.mkdir(parents=True)
+        except OSError as exc:
+            raise OutputError(
+                f"{folder}: cannot create the output folder ({exc.strerror}); choose another -o."
+            ) from None
+    if not model.metadata.trained:
+        _warn(f"model {model.metadata.name} is UNTRAINED (random weights): its labels are meaningless.")
+    printer = ProgressPrinter(args.progress, len(cases))
+    failures = []
+    for index, case in enumerate(cases):
+        printer.start_case(case.name, index)
+        try:
+            result = predict_file(case.input, case.output, model, options, printer)
+        except KidneyTumorSegError as exc:
+            printer.end_case()
+            failures.append((case, str(exc)))
+            _error(str(exc))
+            printer.emit({"event": "case_failed", "case": case.name, "error": str(exc)})
+            continue
+        printer.end_case()
+        for warning in result.warnings:
+            _warn(warning)
+        total = sum(result.timings_s.values())
+        if args.progress == "json":
+            printer.emit(
+                {
+                    "event": "case_done",
+                    "case": case.name,
+                    "output": str(case.output),
+                    "volumes_ml": {k: round(v, 3) for k, v in result.volumes_ml.items()},
+                    "timings_s": {k: round(v, 3) for k, v in result.timings_s.items()},
+                    "device": result.device,
+                    "warnings": result.warnings,
+                }
+            )
+        else:
+            print(
+                f"{case.name}: {format_volumes(result.volumes_ml)} -> {case.output} ({total:.1f} s)",
+                flush=True,
+            )
+    if len(cases) > 1:
+        done = len(cases) - len(failures)
+        summary = f"{done} of {len(cases)} cases segmented"
+        if failures:
+            summary += "; failed: " + "; ".join(f"{c.name} ({msg})" for c, msg in failures)
+        print(summary, file=sys.stderr if args.progress == "json" else sys.stdout, flush=True)
+        printer.emit({"event": "summary", "done": done, "failed": [c.name for c, _ in failures]})
+    if not failures:
+        return EXIT_OK
+    return EXIT_BAD_INPUT if len(failures) == len(cases) else EXIT_PARTIAL
+
+
+# ------------------------------------------------------------------------------------------------ evaluate
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import numpy as np
+    import SimpleITK as sitk
+
+    from .io import read_image
+    from .metrics import kits19_dice
+
+    prediction, reference = read_image(args.prediction), read_image(args.reference)
+    if prediction.GetSize() != reference.GetSize():
+        raise InputImageError(
+            f"{args.prediction}: size {prediction.GetSize()} differs from the reference's {reference.GetSize()} "
+            f"({args.reference}); the KiTS19 metric compares voxel for voxel, so both must be on the same grid."
+        )
+    same_grid = (
+        np.allclose(prediction.GetSpacing(), reference.GetSpacing(), atol=1e-3)
+        and np.allclose(prediction.GetOrigin(), reference.GetOrigin(), atol=1e-2)
+        and np.allclose(prediction.GetDirection(), reference.GetDirection(), atol=1e-4)
+    )
+    if not same_grid:
+        _warn(
+            "prediction and reference headers differ (spacing, origin or direction); compared voxel for voxel "
+            "as the official KiTS19 evaluation does, which ignores the affine."
+        )
+    pred = sitk.GetArrayViewFromImage(prediction)
+    ref = sitk.GetArrayViewFromImage(reference)
+    result = kits19_dice(pred, ref)
+    result.update({"prediction": str(args.prediction), "reference": str(args.reference)})
+    print(json.dumps(result))
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------- model info
+
+
+def cmd_model_info(args: argparse.Namespace) -> int:
+    from .model import count_parameters, gflops_per_patch
+    from .modelfile import load_model, resolve_model
+
+    loaded = load_model(resolve_model(args.model))
+    meta = loaded.metadata
+    info = {
+        "file": str(loaded.path),
+        "sha256": loaded.sha256,
+        "name": meta.name,
+        "version": meta.version,
+        "trained": meta.trained,
+        "architecture": "DeepLabV3Plus3D",
+        "config": meta.config.to_dict(),
+        "parameters": count_parameters(loaded.network),
+        "gflops_per_patch": round(gflops_per_patch(loaded.network, meta.patch_size_zyx), 2),
+        "labels": meta.labels,
+        "target_spacing_zyx_mm": list(meta.target_spacing_zyx),
+        "patch_size_zyx": list(meta.patch_size_zyx),
+        "intensity": meta.to_json()["intensity"],
+        "provenance": meta.provenance,
+        "description": meta.description,
+        "intended_use": meta.intended_use,
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return EXIT_OK
+    c = meta.config
+    lines = [
+        f"Model        {meta.name} {meta.version}{'' if meta.trained else '  (UNTRAINED: random weights)'}",
+        f"File         {loaded.path}",
+        f"SHA-256      {loaded.sha256}",
+        f"Architecture DeepLabV3Plus3D: output stride {c.output_stride}, stages {list(c.stage_channels)} x "
+        f"{list(c.stage_blocks)} blocks, ASPP {c.aspp_channels} ch rates {list(c.aspp_rates)}, "
+        f"{c.norm} norm, anisotropic stages {c.anisotropic_stages}",
+        f"Parameters   {info['parameters']:,}",
+        f"Cost         {info['gflops_per_patch']} GFLOPs per patch",
+        f"Labels       {', '.join(f'{v} {k}' for k, v in sorted(meta.labels.items(), key=lambda kv: kv[1]))}",
+        f"Spacing      {' x '.join(f'{s:g}' for s in meta.target_spacing_zyx)} mm (z, y, x)",
+        f"Patch        {' x '.join(str(p) for p in meta.patch_size_zyx)} voxels (z, y, x)",
+        f"Intensity    clip {info['intensity']['clip_hu']} HU, "
+        f"mean {meta.normalization.mean:g}, std {meta.normalization.std:g}",
+        f"Provenance   {json.dumps(meta.provenance, sort_keys=True)}",
+        f"Description  {meta.description}",
+        f"Intended use {meta.intended_use}",
+    ]
+    print("\n".join(lines))
+    return EXIT_OK
+
+
+def cmd_init_model(args: argparse.Namespace) -> int:
+    from .model import DeepLabConfig
+    from .modelfile import create_untrained_model, untrained_metadata
+
+    config = DeepLabConfig(output_stride=args.output_stride)
+    meta = untrained_metadata(config, name=args.name, seed=args.seed, version=args.model_version)
+    create_untrained_model(args.output, meta, seed=args.seed, half=args.half)
+    print(f"wrote {args.output} (untrained {meta.name}, seed {args.seed})")
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(Path(args.output), args.model, args.seed, args.device, args.progress)
+
+
+# -------------------------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kidneytumorseg",
+        description=f"Kidney and kidney tumor segmentation in CT with a 3D DeepLab v3+. {RESEARCH_ONLY}",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log details (stderr)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add_run_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--model",
+            default=None,
+            help="registry name or .safetensors path (default: the registry's default)",
+        )
+        p.add_argument(
+            "--device",
+            choices=("auto", "cpu", "cuda"),
+            default="auto",
+            help="default: CUDA if usable, else CPU",
+        )
+        p.add_argument(
+            "--progress",
+            choices=("bar", "json", "none"),
+            default="bar",
+            help="progress as a bar (stderr), JSON lines (stdout, for programs) or not at all",
+        )
+
+    p = sub.add_parser(
+        "predict",
+        help="segment CT files or folders",
+        description="Segment CT volumes into 0 background, "
+        f"1 kidney, 2 tumor; labels land on exactly the input grid. {RESEARCH_ONLY}",
+    )
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="CT file (.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd), a folder of them, or a DICOM series folder",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        help="output file (.nii.gz, .nii, .nrrd) for one input, else a folder",
+    )
+    add_run_options(p)
+    p.add_argument(
+        "--tta",
+        action="store_true",
+        help="mirroring test-time augmentation (8 passes: slower, a little better)",
+    )
+    p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap, 0 to <1 (default 0.5)")
+    p.add_argument("--batch-size", type=int, default=2, help="windows per forward pass (default 2)")
+    p.add_argument("--no-postprocess", action="store_true", help="keep every component the network found")
+    p.add_argument("--no-crop", action="store_true", help="run the network on the whole volume, not only the body")
+    p.add_argument("--format", choices=("nii.gz", "nrrd"), default="nii.gz", help="output type when -o is a folder")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="KiTS19 Dice of a prediction against a reference (JSON)",
+        description="Kidney Dice on label > 0 and tumor Dice on label > 1, voxel for voxel, as the "
+        "official KiTS19 evaluation. When both masks are empty the Dice is 1.0 (the official code "
+        "gives NaN); 'both_empty' lists where that rule applied.",
+    )
+    p.add_argument("prediction")
+    p.add_argument("reference")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("demo", help="segment a synthetic CT and write CT, labels, truth and a PNG")
+    p.add_argument(
+        "-o", "--output", default="kidneytumorseg-demo", help="output folder (default ./kidneytumorseg-demo)"
+    )
+    p.add_argument("--seed", type=int, default=3, help="phantom seed")
+    add_run_options(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("model-info", help="architecture, size, cost, labels, spacing and provenance of a model")
+    p.add_argument(
+        "model", nargs="?", default=None, help="registry name or .safetensors path (default model if absent)"
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_model_info)
+
+    p = sub.add_parser("init-model", help="write a model file with random weights (for tests and timing)")
+    p.add_argument("output", help="path ending in .safetensors")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--name", default="untrained")
+    p.add_argument("--model-version", default="0.0.0")
+    p.add_argument("--output-stride", type=int, choices=(8, 16), default=8)
+    p.add_argument("--half", action="store_true", help="store float16 weights (half the size)")
+    p.set_defaults(func=cmd_init_model)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        return args.func(args)
+    except KidneyTumorSegError as exc:
+        _error(str(exc))
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        _error("interrupted; no output was left half-written.")
+        return 130
+    except BrokenPipeError:  # the reader went away (e.g. `| head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

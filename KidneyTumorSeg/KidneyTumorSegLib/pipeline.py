@@ -1,0 +1,185 @@
+"""CT to labels: the one place that knows how a CT becomes a label map.
+
+``segment`` is the Python API (image in memory -> labels + volumes); ``predict_file`` adds reading and
+atomic writing. The CLI, the Slicer module and the training validation all call these.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from . import io, metrics
+from .inference import InferenceSettings, resolve_device, segment_model_grid
+from .modelfile import LoadedModel
+from .postprocessing import PostprocessSettings, postprocess
+from .preprocessing import image_to_model_input, labels_like, logits_to_input_labels, model_grid_for
+
+log = logging.getLogger(__name__)
+
+# Share of a case's run time each stage takes (measured on CPU), so the overall fraction and the time
+# remaining move evenly.
+STAGE_WEIGHTS = {
+    "read": 0.04,
+    "preprocess": 0.06,
+    "network": 0.78,
+    "to_input_grid": 0.06,
+    "postprocess": 0.02,
+    "write": 0.04,
+}
+STAGES = tuple(STAGE_WEIGHTS)
+# Voxels at or below this HU are air (and the table's foam): the body crop ignores them.
+BODY_THRESHOLD_HU = -500.0
+
+ProgressSink = Callable[[str, float], None]  # (stage, overall fraction of this case in [0, 1])
+
+
+@dataclass
+class SegmentOptions:
+    device: str = "auto"
+    overlap: float = 0.5
+    batch_size: int = 2
+    tta: bool = False
+    postprocess: bool = True
+    crop_to_body: bool = True
+    mixed_precision: bool = True
+
+
+@dataclass
+class SegmentResult:
+    labels: sitk.Image
+    volumes_ml: dict[str, float]
+    timings_s: dict[str, float]
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    device: str = ""
+
+
+class _Stages:
+    """Turns 'fraction of this stage' into 'fraction of the case' and times each stage."""
+
+    def __init__(self, sink: ProgressSink | None) -> None:
+        self.sink = sink
+        self.timings: dict[str, float] = {}
+        self._stage = ""
+        self._started = 0.0
+
+    def begin(self, stage: str) -> None:
+        self._stage = stage
+        self._started = time.perf_counter()
+        self.report(0.0)
+
+    def report(self, fraction: float) -> None:
+        if self.sink is None:
+            return
+        done = sum(STAGE_WEIGHTS[s] for s in STAGES[: STAGES.index(self._stage)])
+        self.sink(self._stage, min(1.0, done + STAGE_WEIGHTS[self._stage] * fraction))
+
+    def end(self) -> None:
+        self.timings[self._stage] = time.perf_counter() - self._started
+        self.report(1.0)
+
+
+def _validate_options(options: SegmentOptions) -> None:
+    from .errors import KidneyTumorSegError
+
+    if not 0.0 <= options.overlap < 1.0:
+        raise KidneyTumorSegError(f"--overlap {options.overlap} must be at least 0 and below 1 (0.5 is usual).")
+    if options.batch_size < 1:
+        raise KidneyTumorSegError(f"--batch-size {options.batch_size} must be at least 1.")
+
+
+def segment(
+    image: sitk.Image,
+    model: LoadedModel,
+    options: SegmentOptions | None = None,
+    progress: ProgressSink | None = None,
+    _stages: _Stages | None = None,
+) -> SegmentResult:
+    """Segment one CT volume; the labels come back on exactly the image's grid (0 background, 1 kidney,
+    2 tumor)."""
+    options = options or SegmentOptions()
+    _validate_options(options)
+    stages = _stages or _Stages(progress)
+    meta = model.metadata
+    device = resolve_device(options.device)
+    warnings = io.intensity_warnings(image, "input image")
+
+    stages.begin("preprocess")
+    grid = model_grid_for(image, meta.target_spacing_zyx)
+    volume = image_to_model_input(image, grid, meta.normalization)
+    stages.end()
+
+    stages.begin("network")
+    settings = InferenceSettings(
+        patch_size=meta.patch_size_zyx,
+        overlap=options.overlap,
+        batch_size=options.batch_size,
+        tta=options.tta,
+        device=device,
+        mixed_precision=options.mixed_precision,
+    )
+    norm = meta.normalization
+    body = (BODY_THRESHOLD_HU - norm.mean) / norm.std if options.crop_to_body else None
+    if body is not None and BODY_THRESHOLD_HU <= norm.clip_low:
+        body = norm.background_value + 1e-6  # the clip range starts above -500 HU: anything above air
+    logits = segment_model_grid(model.network, volume, settings, norm.background_value, body, stages.report)
+    del volume
+    stages.end()
+
+    stages.begin("to_input_grid")
+    labels = logits_to_input_labels(logits, grid)
+    del logits
+    stages.end()
+
+    stages.begin("postprocess")
+    report = postprocess(labels, PostprocessSettings(enabled=options.postprocess))
+    label_image = labels_like(labels, image)
+    volumes = metrics.label_volumes_ml(labels, image.GetSpacing())
+    stages.end()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return SegmentResult(
+        labels=label_image,
+        volumes_ml=volumes,
+        timings_s=dict(stages.timings),
+        warnings=warnings,
+        notes=report.notes,
+        device=str(device),
+    )
+
+
+def predict_file(
+    input_path: str | os.PathLike,
+    output_path: str | os.PathLike,
+    model: LoadedModel,
+    options: SegmentOptions | None = None,
+    progress: ProgressSink | None = None,
+) -> SegmentResult:
+    """Read a CT (file or DICOM folder), segment it, and write the labels atomically."""
+    output_path = Path(output_path)
+    io.label_suffix(output_path)  # a bad output name fails before any work
+    io._check_output_folder(output_path.parent, output_path)  # so does a missing or read-only folder
+    stages = _Stages(progress)
+    stages.begin("read")
+    image = io.read_image(input_path)
+    stages.end()
+    result = segment(image, model, options, _stages=stages)
+    result.warnings = [w.replace("input image", str(input_path), 1) for w in result.warnings]
+    stages.begin("write")
+    io.write_labels(result.labels, output_path)
+    stages.end()
+    result.timings_s = dict(stages.timings)
+    return result
+
+
+def labels_array(result: SegmentResult) -> np.ndarray:
+    return sitk.GetArrayViewFromImage(result.labels)

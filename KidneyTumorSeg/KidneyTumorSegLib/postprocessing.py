@@ -1,0 +1,80 @@
+"""Clean-up of the network's labels on the input grid.
+
+Rules, each switchable through ``PostprocessSettings``:
+
+1. Kidney plausibility: the connected components of kidney-or-tumor (26-connectivity) are ranked by
+   volume; a component is kept when it holds at least ``min_component_fraction`` of the largest one's
+   volume. Two kidneys of any size survive; specks of false positives elsewhere do not.
+2. Tumor without kidney: a tumor component that touches no kidney voxel is dropped, because the model's
+   tumor class means *kidney* tumor. Since tumor components are maximal, a component of kidney-or-tumor
+   that holds no kidney voxel is exactly such a tumor.
+
+Connected components run only inside the bounding box of the foreground, which is small against a CT.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import SimpleITK as sitk
+
+KIDNEY = 1
+TUMOR = 2
+
+
+@dataclass(frozen=True)
+class PostprocessSettings:
+    enabled: bool = True
+    min_component_fraction: float = 0.1
+
+
+@dataclass
+class PostprocessReport:
+    components_found: int = 0
+    components_removed: int = 0
+    voxels_removed: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def _foreground_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+    box = []
+    for axis in range(mask.ndim):
+        other = tuple(a for a in range(mask.ndim) if a != axis)
+        hit = np.flatnonzero(mask.any(axis=other))
+        if hit.size == 0:
+            return None
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return tuple(box)
+
+
+def postprocess(labels: np.ndarray, settings: PostprocessSettings = PostprocessSettings()) -> PostprocessReport:  # noqa: B008
+    """Apply the rules above to ``labels`` (z, y, x uint8) in place; return what was removed."""
+    report = PostprocessReport()
+    if not settings.enabled:
+        return report
+    box = _foreground_box(labels > 0)
+    if box is None:
+        return report
+    crop = labels[box]
+    components = sitk.GetArrayFromImage(
+        sitk.ConnectedComponent(sitk.GetImageFromArray((crop > 0).astype(np.uint8)), True)
+    )
+    sizes = np.bincount(components.ravel())
+    sizes[0] = 0
+    has_kidney = np.bincount(components.ravel(), weights=(crop == KIDNEY).ravel(), minlength=sizes.size) > 0
+    report.components_found = int(np.count_nonzero(sizes))
+    largest = sizes[has_kidney].max() if has_kidney.any() else 0
+    keep = (sizes >= settings.min_component_fraction * largest) & has_kidney
+    keep[0] = True
+    drop = ~keep[components]
+    removed = int(np.count_nonzero(drop))
+    if removed:
+        crop[drop] = 0
+        report.components_removed = int(np.count_nonzero(~keep[1:] & (sizes[1:] > 0)))
+        report.voxels_removed = removed
+        report.notes.append(
+            f"removed {report.components_removed} of {report.components_found} kidney/tumor components "
+            f"({removed} voxels): too small next to the largest, or tumor touching no kidney"
+        )
+    return report
