@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from torch import nn
+
 from KidneyTumorSegLib.errors import KidneyTumorSegError
 from KidneyTumorSegLib.inference import (
     InferenceSettings,
@@ -11,7 +13,6 @@ from KidneyTumorSegLib.inference import (
     segment_model_grid,
     window_starts,
 )
-from torch import nn
 
 
 class PointwiseNet(nn.Module):

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+
 from KidneyTumorSegLib.metrics import dice, kits19_dice, label_volumes_ml
 
 

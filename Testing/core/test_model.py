@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from KidneyTumorSegLib.model import DeepLabConfig, DeepLabV3Plus3D, count_parameters, gflops_per_patch
 
 TINY = dict(

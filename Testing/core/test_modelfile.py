@@ -6,6 +6,8 @@ import struct
 
 import pytest
 import torch
+from safetensors.torch import save_file
+
 from KidneyTumorSegLib.errors import ModelFileError
 from KidneyTumorSegLib.model import DeepLabConfig, DeepLabV3Plus3D
 from KidneyTumorSegLib.modelfile import (
@@ -19,7 +21,6 @@ from KidneyTumorSegLib.modelfile import (
     sha256_of,
     untrained_metadata,
 )
-from safetensors.torch import save_file
 
 TINY = DeepLabConfig(
     stem_channels=4,

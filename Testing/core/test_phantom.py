@@ -12,6 +12,7 @@ import pytest
 import SimpleITK as sitk
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from KidneyTumorSegLib.phantom import Phantom, make_phantom
 
 SMALL = (64, 64, 40)  # LPS voxels: enough for the anatomy, fast to generate

@@ -1,6 +1,7 @@
 """Postprocessing rules: plausible kidney components, tumors must touch a kidney."""
 
 import numpy as np
+
 from KidneyTumorSegLib.postprocessing import PostprocessSettings, postprocess
 
 

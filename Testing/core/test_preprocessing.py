@@ -7,6 +7,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
+
 from KidneyTumorSegLib.preprocessing import (
     IntensityNormalization,
     Orientation,

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+
 from KidneyTumorSegLib.io import read_image
 from KidneyTumorSegLib.pipeline import SegmentOptions, predict_file, segment
 from KidneyTumorSegLib.preprocessing import (

@@ -1,0 +1,7 @@
+"""``python -m kidneytumorseg_train``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
