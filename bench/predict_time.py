@@ -4,7 +4,7 @@ Each run is a fresh process (so its peak RSS is its own) that runs the real comm
 model load, read, preprocess, network, back to the input grid, postprocess, atomic write. Three runs by
 default; the table shows medians. The last line printed is one JSON object.
 
-    python bench/predict_time.py                 # 512x512x200 at 0.8x0.8x2.5 mm, the demo model
+    python bench/predict_time.py                 # 512x512x200 at 0.8x0.8x2.5 mm, kits19 architecture
     python bench/predict_time.py --quick         # 256x256x100, under a minute
     python bench/predict_time.py --device cuda   # the same on a GPU
 """
@@ -41,7 +41,11 @@ def main() -> None:
     parser.add_argument("--size", type=int, nargs=3, metavar=("X", "Y", "Z"), default=(512, 512, 200))
     parser.add_argument("--spacing", type=float, nargs=3, metavar=("SX", "SY", "SZ"), default=(0.8, 0.8, 2.5))
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--model", default=None, help="model name or file (default: the registry's default)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="model name or file (default: random weights in the kits19 recipe's architecture, the default config)",
+    )
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more predict options")
     args = parser.parse_args()
@@ -61,6 +65,11 @@ def main() -> None:
             f"phantom {args.size} at {args.spacing} mm written in {time.perf_counter() - started:.1f} s",
             file=sys.stderr,
         )
+        if args.model is None:
+            from KidneyTumorSegLib.modelfile import create_untrained_model, untrained_metadata
+
+            args.model = str(Path(tmp) / "kits19-architecture-random.safetensors")
+            create_untrained_model(args.model, untrained_metadata(), seed=0)
 
         runs = []
         for i in range(args.runs):
@@ -76,8 +85,7 @@ def main() -> None:
                 args.device,
                 *args.extra,
             ]
-            if args.model:
-                cli_args += ["--model", args.model]
+            cli_args += ["--model", args.model]
             here = str(Path(__file__).parent)
             code = f"import sys; sys.path.insert(0, {here!r}); import predict_time; predict_time.child({cli_args!r})"
             started = time.perf_counter()

@@ -22,7 +22,7 @@ from pathlib import Path
 from KidneyTumorSegLib.errors import KidneyTumorSegError
 
 from .config import Recipe, load_recipe
-from .errors import ConfigError
+from .errors import ConfigError, DatasetError
 
 DATASET_FILE = "dataset.json"
 
@@ -40,7 +40,7 @@ def _dataset(work: Path) -> tuple[list, object, dict]:
     if not path.exists():
         raise ConfigError(f"{work}: not a prepared work folder (no {DATASET_FILE}); run `prepare` first.")
     info = json.loads(path.read_text())
-    cases = find_cases(info["root"], info["layout"])
+    cases = [c for c in find_cases(info["root"], info["layout"], require_labels=False) if c.label is not None]
     mapping = mapping_for(info["root"], info["layout"], cyst=info["cyst"])
     return cases, mapping, info
 
@@ -76,7 +76,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     layout = args.layout or recipe.layout
     if layout == "auto":
         layout = detect_layout(args.data)
-    cases = find_cases(args.data, layout)
+    found = find_cases(args.data, layout, require_labels=False)
+    cases = [c for c in found if c.label is not None]
+    if len(cases) < len(found):  # the KiTS19 download holds the 90 unlabelled test cases too
+        print(f"leaving out {len(found) - len(cases)} case(s) without labels", file=sys.stderr)
+    if not cases:
+        raise DatasetError(f"{args.data}: no case has a label file; there is nothing to train on.")
     mapping = mapping_for(args.data, layout, cyst=recipe.cyst)
     print(f"{len(cases)} cases ({layout} layout) in {args.data}; checking each ...", file=sys.stderr)
     check_dataset(cases, mapping, workers=args.workers)

@@ -1,0 +1,143 @@
+"""The kidneytumorseg command on good input: predict (file, several files, folder, JSON progress), evaluate,
+demo, model-info."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from KidneyTumorSegLib.phantom import make_phantom
+
+
+def kts(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "KidneyTumorSegLib", *args], capture_output=True, text=True, check=False, timeout=600
+    )
+
+
+@pytest.fixture(scope="module")
+def cts(tmp_path_factory) -> list[Path]:
+    folder = tmp_path_factory.mktemp("cts")
+    paths = []
+    for seed, (name, orientation) in enumerate([("a.nii.gz", "RAS"), ("b.nrrd", "IPL"), ("c.mha", "oblique")]):
+        phantom = make_phantom(seed, size=(64, 56, 24), spacing=(5.0, 5.0, 8.0), orientation=orientation)
+        sitk.WriteImage(phantom.image, str(folder / name))
+        paths.append(folder / name)
+    return paths
+
+
+def _same_grid(a: sitk.Image, b: sitk.Image) -> bool:
+    return (
+        a.GetSize() == b.GetSize()
+        and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-5)
+        and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-4)
+        and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-6)
+    )
+
+
+def test_json_progress_reports_stage_fraction_eta_and_case_then_volumes(cts, tmp_path, tiny_model_path):
+    out = tmp_path / "labels.nrrd"
+    result = kts("predict", str(cts[0]), "-o", str(out), "--progress", "json", "--model", str(tiny_model_path))
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    progress = [r for r in records if r["event"] == "progress"]
+    assert progress and all({"stage", "fraction", "eta_s", "case"} <= r.keys() for r in progress)
+    fractions = [r["fraction"] for r in progress]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert [r["stage"] for r in progress][0] == "read" and progress[-1]["stage"] == "write"
+    done = records[-1]
+    assert done["event"] == "case_done" and done["case"] == "a"
+    assert set(done["volumes_ml"]) == {"kidney", "tumor"}
+    assert _same_grid(sitk.ReadImage(str(out)), sitk.ReadImage(str(cts[0])))
+
+
+def test_several_inputs_go_into_a_folder_named_by_case(cts, tmp_path, tiny_model_path):
+    out = tmp_path / "out"
+    result = kts("predict", *map(str, cts), "-o", str(out), "--progress", "none", "--model", str(tiny_model_path))
+    assert result.returncode == 0, result.stderr
+    for ct in cts:
+        name = ct.name.split(".")[0]
+        written = out / f"{name}.nii.gz"
+        assert _same_grid(sitk.ReadImage(str(written)), sitk.ReadImage(str(ct)))
+        assert f"{name}: kidney" in result.stdout
+    assert "3 of 3 cases segmented" in result.stdout
+
+
+def test_a_folder_input_is_a_batch_and_nrrd_format_is_honoured(cts, tmp_path, tiny_model_path):
+    out = tmp_path / "out"
+    result = kts(
+        "predict",
+        str(cts[0].parent),
+        "-o",
+        str(out),
+        "--format",
+        "nrrd",
+        "--progress",
+        "none",
+        "--model",
+        str(tiny_model_path),
+    )
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["a.nrrd", "b.nrrd", "c.nrrd"]
+
+
+def test_a_batch_with_a_bad_case_writes_the_others_and_exits_1(cts, tmp_path, tiny_model_path):
+    bad = tmp_path / "broken.nii.gz"
+    bad.write_bytes(b"not an image at all")
+    out = tmp_path / "out"
+    result = kts(
+        "predict", str(cts[0]), str(bad), "-o", str(out), "--progress", "none", "--model", str(tiny_model_path)
+    )
+    assert result.returncode == 1
+    assert (out / "a.nii.gz").exists() and not (out / "broken.nii.gz").exists()
+    assert "1 of 2 cases segmented; failed: broken" in result.stdout
+    assert "Traceback" not in result.stderr
+
+
+def test_evaluate_prints_kits19_dice_as_json(tmp_path):
+    ref = np.zeros((10, 20, 20), np.uint8)
+    ref[2:8, 5:15, 5:15] = 1
+    ref[4:6, 8:12, 8:12] = 2
+    pred = ref.copy()
+    pred[2:4] = 0
+    paths = []
+    for name, array in (("pred.nii.gz", pred), ("ref.nii.gz", ref)):
+        sitk.WriteImage(sitk.GetImageFromArray(array), str(tmp_path / name))
+        paths.append(str(tmp_path / name))
+    result = kts("evaluate", *paths)
+    assert result.returncode == 0, result.stderr
+    scores = json.loads(result.stdout)
+    kidney = 2 * (pred > 0).sum() / ((pred > 0).sum() + (ref > 0).sum())
+    assert scores["kidney_dice"] == pytest.approx(kidney)
+    assert scores["tumor_dice"] == 1.0 and scores["both_empty"] == []
+
+
+def test_model_info_prints_architecture_size_cost_labels_and_provenance(tiny_model_path):
+    result = kts("model-info", str(tiny_model_path), "--json")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["architecture"] == "DeepLabV3Plus3D"
+    assert info["parameters"] > 0 and info["gflops_per_patch"] > 0
+    assert info["labels"] == {"background": 0, "kidney": 1, "tumor": 2}
+    assert info["patch_size_zyx"] == [16, 32, 32]
+    text = kts("model-info", str(tiny_model_path)).stdout
+    for word in ("Parameters", "GFLOPs per patch", "Spacing", "Patch", "Provenance", "Intended use"):
+        assert word in text
+
+
+def test_demo_writes_ct_truth_labels_and_picture_and_prints_dice(tmp_path):
+    out = tmp_path / "demo"
+    result = kts("demo", "-o", str(out), "--progress", "none", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    for name in ("ct.nii.gz", "truth.nii.gz", "labels.nii.gz", "overlay.png"):
+        assert (out / name).stat().st_size > 0, name
+    picture = sitk.ReadImage(str(out / "overlay.png"))
+    assert picture.GetNumberOfComponentsPerPixel() == 3 and picture.GetSize()[0] > 200
+    assert "Dice vs truth: kidney" in result.stdout
+    assert _same_grid(sitk.ReadImage(str(out / "labels.nii.gz")), sitk.ReadImage(str(out / "ct.nii.gz")))
