@@ -187,5 +187,5 @@ def test_registry_checksum_mismatch_is_refused(tmp_path, model_path):
 
 
 def test_unknown_model_name_lists_the_known_ones():
-    with pytest.raises(ModelFileError, match="known: kidneytumorseg-demo"):
+    with pytest.raises(ModelFileError, match="known: kidneytumorseg-phantom"):
         resolve_model("no-such-model")

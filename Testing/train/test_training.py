@@ -267,3 +267,42 @@ def test_training_twice_into_one_folder_needs_resume(prepared):
         "train", "--work", str(work), "--recipe", str(recipe), "--device", "cpu", "--output", str(base / "twice")
     )
     assert again.returncode == 2 and "--resume" in again.stderr
+
+
+def test_a_patch_larger_than_every_case_is_refused(prepared, tmp_path):
+    _, work = prepared
+    recipe = json.loads(json.dumps(TINY_RECIPE))
+    recipe["plan"]["patch_size_zyx"] = [512, 64, 64]
+    path = tmp_path / "huge.json"
+    path.write_text(json.dumps(recipe))
+    result = run_cli(
+        "train", "--work", str(work), "--recipe", str(path), "--device", "cpu", "--output", str(tmp_path / "run")
+    )
+    assert result.returncode == 2
+    assert "larger than every case after resampling" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_prepare_refuses_a_mismatched_case_and_an_empty_dataset_without_writing(tmp_path):
+    import SimpleITK as sitk
+
+    from kidneytumorseg_train.datasets import write_phantom_dataset
+
+    data = tmp_path / "data"
+    write_phantom_dataset(data, 3, seed=7, spacing_scale=2)
+    label = data / "case_00008" / "segmentation.nii.gz"
+    moved = sitk.ReadImage(str(label))
+    moved.SetOrigin([v + 5.0 for v in moved.GetOrigin()])
+    sitk.WriteImage(moved, str(label))
+    recipe = write_recipe(tmp_path)
+    work = tmp_path / "work"
+    result = run_cli("prepare", "--data", str(data), "--recipe", str(recipe), "--work", str(work), "--workers", "1")
+    assert result.returncode == 2, result.stderr
+    assert "case_00008" in result.stderr and "Traceback" not in result.stderr
+    assert not work.exists()
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run_cli("prepare", "--data", str(empty), "--recipe", str(recipe), "--work", str(work), "--workers", "1")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert not work.exists()

@@ -49,12 +49,22 @@ def _effective_plan(work: Path, recipe: Recipe):
     """The work folder's plan, with the recipe's patch size if it sets one (the cache does not depend on it)."""
     import dataclasses
 
+    from .cache import cached_case_ids, open_case
     from .plan import load_plan
 
     plan = load_plan(work / "plan.json")
     patch = recipe.plan.get("patch_size_zyx") or plan.patch_size_zyx
     # Plan validates itself: a patch that is not a multiple of this network's stride is refused here.
-    return dataclasses.replace(plan, patch_size_zyx=tuple(int(v) for v in patch), divisor=recipe.model.divisor())
+    plan = dataclasses.replace(plan, patch_size_zyx=tuple(int(v) for v in patch), divisor=recipe.model.divisor())
+    shapes = [open_case(work / "cache", i).shape for i in cached_case_ids(work / "cache")]
+    if shapes:
+        largest = [max(s[axis] for s in shapes) for axis in range(3)]
+        if any(p > n for p, n in zip(plan.patch_size_zyx, largest, strict=True)):
+            raise ConfigError(
+                f"plan.patch_size_zyx {list(plan.patch_size_zyx)} is larger than every case after resampling "
+                f"(largest {largest} voxels, z y x); choose a smaller patch in the recipe."
+            )
+    return plan
 
 
 def cmd_make_phantoms(args: argparse.Namespace) -> int:
