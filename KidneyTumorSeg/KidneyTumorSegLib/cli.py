@@ -169,7 +169,7 @@ def _load_model(spec: str | None, device: str = "cpu"):
     from .inference import resolve_device
     from .modelfile import load_model, resolve_model
 
-    return load_model(resolve_model(spec), resolve_device(device))
+    return load_model(resolve_model(spec, download=True), resolve_device(device))
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -440,7 +440,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return run_command(build_parser(), argv)
+
+
+def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
+    """Parse, run ``args.func``, and turn user errors into one stderr line and exit status 2 (shared with
+    the training folder's command)."""
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         return args.func(args)

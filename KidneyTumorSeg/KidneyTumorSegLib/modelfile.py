@@ -19,10 +19,13 @@ import hashlib
 import json
 import os
 import struct
+import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.request import urlopen
 
 import torch
 
@@ -437,11 +440,60 @@ def default_model_name(path: Path | None = None) -> str:
     return next((e.name for e in entries if e.default), entries[0].name)
 
 
-def resolve_model(spec: str | None, registry: Path | None = None) -> Path:
+Progress = Callable[[int, int | None], None]  # (bytes so far, total bytes or None)
+
+
+def fetch_model(entry: RegistryEntry, progress: Progress | None = None, opener: Callable = urlopen) -> Path:
+    """Download a registry model into the per-user cache, over https only, and check its SHA-256.
+
+    The download goes to a temporary file in the cache folder and is renamed into place only when its
+    SHA-256 matches the registry's; a mismatch deletes it and says so. An already cached, intact file is
+    returned without downloading. ``opener`` is ``urllib.request.urlopen`` (tests pass their own).
+    """
+    if not entry.url or not entry.url.lower().startswith("https://"):
+        raise ModelFileError(
+            f"model {entry.name}: registry URL {entry.url!r} is not https; models are only downloaded over https."
+        )
+    target = model_cache_dir() / f"{entry.name}-{entry.version}.safetensors"
+    if target.is_file() and sha256_of(target) == entry.sha256:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+    digest = hashlib.sha256()
+    try:
+        with os.fdopen(fd, "wb") as out, opener(entry.url, timeout=60) as response:
+            length = response.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
+            done = 0
+            for chunk in iter(lambda: response.read(1 << 20), b""):
+                out.write(chunk)
+                digest.update(chunk)
+                done += len(chunk)
+                if progress is not None:
+                    progress(done, total)
+        if digest.hexdigest() != entry.sha256:
+            raise ModelFileError(
+                f"model {entry.name}: the download from {entry.url} has SHA-256 {digest.hexdigest()[:16]}..., not "
+                f"the registry's {entry.sha256[:16]}...; it was deleted. Try again later, or report it."
+            )
+        publish(temporary, target)
+    except (OSError, ValueError) as exc:
+        raise ModelFileError(
+            f"model {entry.name}: download from {entry.url} failed ({exc}); check the network connection, or "
+            f"download the file yourself to {target}."
+        ) from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+    return target
+
+
+def resolve_model(spec: str | None, registry: Path | None = None, download: bool = False) -> Path:
     """A model file path from ``--model``: an existing path, or a registry name (None: the default model).
 
     A registry model is checked against its SHA-256 before use; a bundled file is taken from beside the
-    registry, a downloadable one from the user's cache (see ``fetch_model``).
+    registry, a downloadable one from the user's cache, fetched there first when ``download`` is set
+    (see ``fetch_model``).
     """
     if spec is not None and (
         Path(spec).exists() or os.sep in spec or spec.endswith((".safetensors", *_PICKLE_SUFFIXES))
@@ -458,6 +510,9 @@ def resolve_model(spec: str | None, registry: Path | None = None) -> Path:
         candidate = registry.parent / entry.file
     else:
         candidate = model_cache_dir() / f"{entry.name}-{entry.version}.safetensors"
+        if not candidate.is_file() and download:
+            print(f"downloading model {entry.name} {entry.version} from {entry.url} ...", file=sys.stderr, flush=True)
+            candidate = fetch_model(entry)
         if not candidate.is_file():
             raise ModelFileError(
                 f"model {entry.name} {entry.version} is not downloaded yet ({candidate}); the Slicer module fetches "

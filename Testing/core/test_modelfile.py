@@ -1,6 +1,7 @@
 """Model files: round trip, validation of every part, pickles refused, registry."""
 
 import dataclasses
+import io
 import json
 import struct
 
@@ -189,3 +190,73 @@ def test_registry_checksum_mismatch_is_refused(tmp_path, model_path):
 def test_unknown_model_name_lists_the_known_ones():
     with pytest.raises(ModelFileError, match="known: kidneytumorseg-phantom"):
         resolve_model("no-such-model")
+
+
+class _FakeResponse(io.BytesIO):
+    def __init__(self, data: bytes):
+        super().__init__(data)
+        self.headers = {"Content-Length": str(len(data))}
+
+
+def _entry(url: str, data: bytes):
+    import hashlib
+
+    from KidneyTumorSegLib.modelfile import RegistryEntry
+
+    return RegistryEntry(
+        name="remote",
+        version="1.0",
+        sha256=hashlib.sha256(data).hexdigest(),
+        file=None,
+        url=url,
+        labels={"background": 0, "kidney": 1, "tumor": 2},
+        description="",
+        license="",
+        intended_use="",
+        trained=True,
+        default=False,
+    )
+
+
+def test_a_registry_model_downloads_once_into_the_user_cache_with_progress(tmp_path, monkeypatch, model_path):
+    from KidneyTumorSegLib.modelfile import fetch_model
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    data = model_path.read_bytes()
+    calls, seen = [], []
+
+    def opener(url, timeout):
+        calls.append(url)
+        return _FakeResponse(data)
+
+    entry = _entry("https://models.example/remote.safetensors", data)
+    path = fetch_model(entry, progress=lambda done, total: seen.append((done, total)), opener=opener)
+    assert path.read_bytes() == data and path.parent == tmp_path / "cache" / "kidneytumorseg" / "models"
+    assert seen[-1] == (len(data), len(data))
+    assert fetch_model(entry, opener=opener) == path and len(calls) == 1  # cached: no second download
+    assert load_model(path).metadata.config == TINY
+
+
+def test_a_download_with_the_wrong_checksum_is_deleted_and_reported(tmp_path, monkeypatch, model_path):
+    from KidneyTumorSegLib.modelfile import fetch_model
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    entry = _entry("https://models.example/remote.safetensors", b"the published bytes")
+    with pytest.raises(ModelFileError, match="SHA-256 .* not the registry's .* it was deleted"):
+        fetch_model(entry, opener=lambda url, timeout: _FakeResponse(model_path.read_bytes()))
+    assert not any((tmp_path / "cache").rglob("*safetensors*"))
+
+
+def test_downloads_only_over_https_and_network_failures_leave_nothing(tmp_path, monkeypatch):
+    from KidneyTumorSegLib.modelfile import fetch_model
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    with pytest.raises(ModelFileError, match="not https"):
+        fetch_model(_entry("http://models.example/m.safetensors", b"x"), opener=lambda url, timeout: None)
+
+    def offline(url, timeout):
+        raise OSError("Network is unreachable")
+
+    with pytest.raises(ModelFileError, match="download .* failed .*Network is unreachable.*download the file yourself"):
+        fetch_model(_entry("https://models.example/m.safetensors", b"x"), opener=offline)
+    assert not any((tmp_path / "cache").rglob("*safetensors*"))

@@ -13,13 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-
-from KidneyTumorSegLib.errors import KidneyTumorSegError
 
 from .config import Recipe, load_recipe
 from .errors import ConfigError, DatasetError
@@ -65,6 +62,11 @@ def _effective_plan(work: Path, recipe: Recipe):
                 f"(largest {largest} voxels, z y x); choose a smaller patch in the recipe."
             )
     return plan
+
+
+def _run_dir(given: str | None, work: Path, recipe: Recipe, split_name: str) -> Path:
+    """A run's folder: as given, else WORK/runs/RECIPE-SPLIT."""
+    return Path(given) if given else work / "runs" / f"{recipe.name}-{split_name}"
 
 
 def cmd_make_phantoms(args: argparse.Namespace) -> int:
@@ -142,7 +144,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     split = load_splits(work / "splits.json", split_name)
     by_id = {c.case_id: c for c in cases}
     val_cases = [by_id[i] for i in split["val"]]
-    run_dir = Path(args.output) if args.output else work / "runs" / f"{recipe.name}-{split_name}"
+    run_dir = _run_dir(args.output, work, recipe, split_name)
     summary = train(
         recipe,
         plan,
@@ -177,7 +179,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     _, _, dataset = _dataset(work)
     plan = _effective_plan(work, recipe)
     split_name = args.split or recipe.split
-    run_dir = Path(args.run) if args.run else work / "runs" / f"{recipe.name}-{split_name}"
+    run_dir = _run_dir(args.run, work, recipe, split_name)
     provenance = {
         "dataset": args.dataset_name or Path(dataset["root"]).name,
         "layout": dataset["layout"],
@@ -299,10 +301,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
-    try:
-        return args.func(args)
-    except KidneyTumorSegError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
+    from KidneyTumorSegLib.cli import run_command
+
+    return run_command(build_parser(), argv)
