@@ -13,7 +13,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -40,13 +39,6 @@ def resolve_device(requested: str = "auto") -> torch.device:
     if requested == "cpu":
         return torch.device("cpu")
     raise KidneyTumorSegError(f"unknown device {requested!r}; use auto, cpu or cuda.")
-
-
-def device_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"CUDA: {torch.cuda.get_device_name(device)} (torch {torch.__version__})"
-    build = "CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda} build, no GPU found"
-    return f"CPU, {torch.get_num_threads()} threads (torch {torch.__version__}, {build})"
 
 
 def gaussian_importance(patch_size: Sequence[int], sigma_fraction: float = 0.125) -> torch.Tensor:
@@ -183,7 +175,3 @@ def segment_model_grid(
     crop = volume[box].contiguous()
     logits[(slice(None), *box)] = predict_logits(network, crop, settings, pad_value, progress)
     return logits
-
-
-def count_windows(shape: Sequence[int], patch: Sequence[int], overlap: float) -> int:
-    return int(np.prod([len(window_starts(max(s, p), p, overlap)) for s, p in zip(shape, patch, strict=True)]))

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import SimpleITK as sitk
 import torch
 
@@ -25,14 +24,15 @@ from .preprocessing import image_to_model_input, labels_like, logits_to_input_la
 
 log = logging.getLogger(__name__)
 
-# Share of a case's run time each stage takes (measured on CPU), so the overall fraction and the time
-# remaining move evenly.
+# Rough share of a case's run time per stage on a CPU (bench/predict_time.py: the network about half,
+# going back to the input grid a fifth with random weights, less with a trained model's small foreground),
+# so that the overall fraction and the time remaining move evenly.
 STAGE_WEIGHTS = {
-    "read": 0.04,
-    "preprocess": 0.06,
-    "network": 0.78,
-    "to_input_grid": 0.06,
-    "postprocess": 0.02,
+    "read": 0.06,
+    "preprocess": 0.04,
+    "network": 0.60,
+    "to_input_grid": 0.18,
+    "postprocess": 0.08,
     "write": 0.04,
 }
 STAGES = tuple(STAGE_WEIGHTS)
@@ -179,7 +179,3 @@ def predict_file(
     stages.end()
     result.timings_s = dict(stages.timings)
     return result
-
-
-def labels_array(result: SegmentResult) -> np.ndarray:
-    return sitk.GetArrayViewFromImage(result.labels)

@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import dataclasses
 import hashlib
 import json
 import logging
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -392,11 +390,3 @@ def _gather_rng(info: Distributed, device: torch.device) -> list[dict]:
         for rank, part in enumerate(parts):
             gathered[rank][key] = part.cpu()
     return gathered
-
-
-def config_summary(recipe: Recipe) -> dict:
-    return {"name": recipe.name, "training": dataclasses.asdict(recipe.training)}
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit("run training with: python -m kidneytumorseg_train train ...")
