@@ -169,7 +169,7 @@ class LabelMapping:
         where = "dataset.json"
         if not isinstance(dataset, Mapping):
             where = str(dataset)
-            dataset = _read_json(Path(dataset), DatasetError)
+            dataset = read_json(Path(dataset), DatasetError)
         labels = dataset.get("labels") if isinstance(dataset, Mapping) else None
         if not isinstance(labels, Mapping) or not labels:
             raise DatasetError(f"{where}: has no 'labels' entry (name -> value); it is not an nnU-Net dataset.json.")
@@ -290,13 +290,14 @@ def _as_int(value: Any) -> int | None:
     return None
 
 
-def _read_json(path: Path, error: type[KidneyTumorSegError]) -> Any:
+def read_json(path: Path, error: type[KidneyTumorSegError], what: str = "file", remedy: str = "") -> Any:
+    """A JSON file's content; a missing or unreadable file is ``error`` naming it (``what``, ``remedy``)."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise error(f"{path}: no such file.") from None
+        raise error(f"{path}: no such {what}{'; ' + remedy if remedy else ''}.") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise error(f"{path}: cannot be read as JSON ({exc}); fix or recreate the file.") from None
+        raise error(f"{path}: cannot be read as JSON ({exc}); {remedy or 'fix or recreate the file'}.") from None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -406,7 +407,7 @@ def find_cases(root: str | os.PathLike, layout: str = "auto", require_labels: bo
 
 
 def _nnunet_cases(root: Path) -> tuple[list[Case], list[str]]:
-    meta = _read_json(root / "dataset.json", DatasetError)
+    meta = read_json(root / "dataset.json", DatasetError)
     if not isinstance(meta, Mapping):
         raise DatasetError(f"{root / 'dataset.json'}: is not a JSON object; it is not an nnU-Net dataset.json.")
     channels = meta.get("channel_names", meta.get("modality"))

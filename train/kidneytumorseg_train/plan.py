@@ -32,7 +32,16 @@ import SimpleITK as sitk
 from KidneyTumorSegLib.io import publish
 from KidneyTumorSegLib.preprocessing import IntensityNormalization
 
-from .datasets import CLASS_NAMES, Case, LabelMapping, canonical_geometry, failures_message, map_cases, read_case
+from .datasets import (
+    CLASS_NAMES,
+    Case,
+    LabelMapping,
+    canonical_geometry,
+    failures_message,
+    map_cases,
+    read_case,
+    read_json,
+)
 from .errors import ConfigError, DatasetError
 
 __all__ = ["Plan", "fingerprint", "load_plan", "make_plan", "save_plan", "write_json_atomic"]
@@ -350,10 +359,5 @@ def save_plan(plan: Plan, path: str | os.PathLike) -> None:
 def load_plan(path: str | os.PathLike) -> Plan:
     """Read and validate a plan; ``ConfigError`` naming the file and the bad key."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such plan file; make one with the plan step first.") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot be read as a JSON plan ({exc}); make the plan again.") from None
+    data = read_json(path, ConfigError, "plan file", "make one with the prepare step")
     return Plan.from_json(data, str(path))

@@ -8,7 +8,6 @@ validation fold.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from .datasets import read_json
 from .errors import ConfigError
 from .plan import write_json_atomic
 
@@ -99,11 +99,6 @@ def select_split(splits: Mapping[str, Any], name: str, source: str = "splits") -
 def load_splits(path: str | os.PathLike, name: str | None = None) -> Any:
     """The splits in a file, validated; only the split ``name`` when given."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such splits file.") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot be read as JSON splits ({exc}); make the splits again.") from None
+    data = read_json(path, ConfigError, "splits file", "make the splits with the prepare step")
     splits = _validate(data, str(path))
     return splits if name is None else select_split(splits, name, str(path))
