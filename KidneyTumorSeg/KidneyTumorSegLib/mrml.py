@@ -214,17 +214,8 @@ class SegmentationResult:
     warnings: list[str] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class RunOptions:
-    """The panel's choices. ``model``: a registry name or a model file path (None: the default model)."""
-
-    model: str | None = None
-    device: str = "auto"
-    tta: bool = False
-    postprocess: bool = True
-
-    def request(self) -> PredictionRequest:
-        return PredictionRequest(model=self.model, device=self.device, tta=self.tta, postprocess=self.postprocess)
+# The panel's choices are exactly what the background command needs: one class, two names.
+RunOptions = PredictionRequest
 
 
 class SegmentationTask:
@@ -359,7 +350,7 @@ class KidneyTumorSegLogic:
         run = BackgroundPrediction(self.launcher, self.python)
         try:
             write_volume_node(volume_node, run.input_path)
-            run.start((options or RunOptions()).request())
+            run.start(options or RunOptions())
         except BaseException:
             run.cleanup()
             raise
