@@ -98,6 +98,7 @@ class KidneyTumorSegParameterNode:
     device - where the network runs.
     tta - mirroring test-time augmentation.
     postprocess - keep plausible kidney components, drop tumor that touches no kidney.
+    splitKidneys - separate left and right kidney (by the patient's anatomy) into two segments.
     outputSegmentation - segmentation to overwrite; none to create a new one.
     """
 
@@ -106,6 +107,7 @@ class KidneyTumorSegParameterNode:
     device: Device = Device.AUTO
     tta: bool = False
     postprocess: bool = True
+    splitKidneys: bool = False
     outputSegmentation: vtkMRMLSegmentationNode
 
 
@@ -312,6 +314,7 @@ class KidneyTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 device=parameters.device.value,
                 tta=parameters.tta,
                 postprocess=parameters.postprocess,
+                split_kidneys=parameters.splitKidneys,
             )
             self.ui.logTextEdit.clear()
             self._task = self.logic.startSegmentation(parameters.inputVolume, options, parameters.outputSegmentation)

@@ -75,6 +75,38 @@ class ProgressPrinter:
                 }
             )
 
+    def download(self, done: int, total: int | None) -> None:
+        """A model download's progress (bytes so far, total or None), before the first case."""
+        if self.mode == "json":
+            if not self._started:
+                self._started = time.perf_counter()
+            fraction = done / total if total else 0.0
+            elapsed = time.perf_counter() - self._started
+            eta = elapsed * (1.0 - fraction) / fraction if fraction > 0.02 else None
+            self.emit(
+                {
+                    "event": "progress",
+                    "case": "",
+                    "case_index": -1,
+                    "cases": self.cases,
+                    "stage": "download model",
+                    "fraction": round(min(1.0, fraction), 4),
+                    "eta_s": None if eta is None else round(eta, 1),
+                    "bytes": done,
+                    "total_bytes": total,
+                }
+            )
+        elif self.mode == "bar":
+            from tqdm import tqdm
+
+            if self._bar is None:
+                self._bar = tqdm(
+                    total=total, desc="download model", unit="B", unit_scale=True, file=sys.stderr, leave=False
+                )
+            self._bar.update(done - self._bar.n)
+            if total is not None and done >= total:
+                self.end_case()
+
     def end_case(self) -> None:
         if self._bar is not None:
             self._bar.close()
@@ -162,14 +194,15 @@ def _segment_options(args: argparse.Namespace):
         tta=args.tta,
         postprocess=not args.no_postprocess,
         crop_to_body=not args.no_crop,
+        split_kidneys=args.split_kidneys,
     )
 
 
-def _load_model(spec: str | None, device: str = "cpu"):
+def _load_model(spec: str | None, device: str = "cpu", progress=None):
     from .inference import resolve_device
     from .modelfile import load_model, resolve_model
 
-    return load_model(resolve_model(spec, download=True), resolve_device(device))
+    return load_model(resolve_model(spec, download=True, progress=progress), resolve_device(device))
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -179,8 +212,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     options = _segment_options(args)
     _validate_options(options)  # once, before any work: not once per case
-    model = _load_model(args.model, args.device)
     cases = plan_cases(args.inputs, args.output, args.format)
+    printer = ProgressPrinter(args.progress, len(cases))
+    model = _load_model(args.model, args.device, printer.download)
+    printer.end_case()
     folder = cases[0].output.parent
     if not Path(args.output).name.lower().endswith(LABEL_SUFFIXES) and not folder.is_dir():
         try:
@@ -191,7 +226,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
             ) from None
     if not model.metadata.trained:
         _warn(f"model {model.metadata.name} is UNTRAINED (random weights): its labels are meaningless.")
-    printer = ProgressPrinter(args.progress, len(cases))
     failures = []
     for index, case in enumerate(cases):
         printer.start_case(case.name, index)
@@ -264,6 +298,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         )
     pred = sitk.GetArrayViewFromImage(prediction)
     ref = sitk.GetArrayViewFromImage(reference)
+    if args.merge_sides:
+        from .laterality import merge_sides
+
+        pred = merge_sides(pred)
+    elif int(pred.max(initial=0)) > 2:
+        _warn(
+            f"{args.prediction}: holds label values above 2, which count as tumor as in the official KiTS19 "
+            "code; for a file written with --split-kidneys (3 = left kidney) pass --merge-sides."
+        )
     result = kits19_dice(pred, ref)
     result.update({"prediction": str(args.prediction), "reference": str(args.reference)})
     print(json.dumps(result))
@@ -399,6 +442,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=2, help="windows per forward pass (default 2)")
     p.add_argument("--no-postprocess", action="store_true", help="keep every component the network found")
     p.add_argument("--no-crop", action="store_true", help="run the network on the whole volume, not only the body")
+    p.add_argument(
+        "--split-kidneys",
+        action="store_true",
+        help="label the kidneys by side, from the patient's anatomy: 1 right kidney, 2 tumor, 3 left kidney",
+    )
     p.add_argument("--format", choices=("nii.gz", "nrrd"), default="nii.gz", help="output type when -o is a folder")
     p.set_defaults(func=cmd_predict)
 
@@ -411,6 +459,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("prediction")
     p.add_argument("reference")
+    p.add_argument(
+        "--merge-sides",
+        action="store_true",
+        help="the prediction was written with --split-kidneys: count label 3 (left kidney) as kidney",
+    )
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("demo", help="segment a synthetic CT and write CT, labels, truth and a PNG")

@@ -51,11 +51,16 @@ def kits19_dice(prediction: np.ndarray, reference: np.ndarray) -> dict:
     return result
 
 
+SPLIT_LABEL_NAMES = {1: "kidney_right", 2: "tumor", 3: "kidney_left"}
+
+
 def label_volumes_ml(labels: np.ndarray, spacing: tuple[float, float, float]) -> dict[str, float]:
-    """Volume in mL of each named label (kidney: label 1 only, tumor: label 2); spacing in mm, any order."""
+    """Volume in mL of each named label (kidney: label 1 only, tumor: label 2); spacing in mm, any order.
+    Labels split by side (any voxel of value 3) give ``kidney_right``, ``tumor`` and ``kidney_left``."""
     voxel_ml = float(np.prod(spacing)) / 1000.0
-    counts = np.bincount(labels.ravel(), minlength=3)
-    return {name: float(counts[value]) * voxel_ml for value, name in LABEL_NAMES.items()}
+    counts = np.bincount(labels.ravel(), minlength=4)
+    names = SPLIT_LABEL_NAMES if counts[3] else LABEL_NAMES
+    return {name: float(counts[value]) * voxel_ml for value, name in names.items()}
 
 
 def format_volumes(volumes: Mapping[str, float]) -> str:

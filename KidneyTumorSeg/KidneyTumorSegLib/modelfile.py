@@ -443,7 +443,7 @@ def default_model_name(path: Path | None = None) -> str:
 Progress = Callable[[int, int | None], None]  # (bytes so far, total bytes or None)
 
 
-def fetch_model(entry: RegistryEntry, progress: Progress | None = None, opener: Callable = urlopen) -> Path:
+def fetch_model(entry: RegistryEntry, progress: Progress | None = None, opener: Callable | None = None) -> Path:
     """Download a registry model into the per-user cache, over https only, and check its SHA-256.
 
     The download goes to a temporary file in the cache folder and is renamed into place only when its
@@ -457,6 +457,7 @@ def fetch_model(entry: RegistryEntry, progress: Progress | None = None, opener: 
     target = model_cache_dir() / f"{entry.name}-{entry.version}.safetensors"
     if target.is_file() and sha256_of(target) == entry.sha256:
         return target
+    opener = opener or urlopen
     target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
     digest = hashlib.sha256()
@@ -488,12 +489,14 @@ def fetch_model(entry: RegistryEntry, progress: Progress | None = None, opener: 
     return target
 
 
-def resolve_model(spec: str | None, registry: Path | None = None, download: bool = False) -> Path:
+def resolve_model(
+    spec: str | None, registry: Path | None = None, download: bool = False, progress: Progress | None = None
+) -> Path:
     """A model file path from ``--model``: an existing path, or a registry name (None: the default model).
 
     A registry model is checked against its SHA-256 before use; a bundled file is taken from beside the
     registry, a downloadable one from the user's cache, fetched there first when ``download`` is set
-    (see ``fetch_model``).
+    (see ``fetch_model``; ``progress`` follows the download).
     """
     if spec is not None and (
         Path(spec).exists() or os.sep in spec or spec.endswith((".safetensors", *_PICKLE_SUFFIXES))
@@ -512,7 +515,7 @@ def resolve_model(spec: str | None, registry: Path | None = None, download: bool
         candidate = model_cache_dir() / f"{entry.name}-{entry.version}.safetensors"
         if not candidate.is_file() and download:
             print(f"downloading model {entry.name} {entry.version} from {entry.url} ...", file=sys.stderr, flush=True)
-            candidate = fetch_model(entry)
+            candidate = fetch_model(entry, progress)
         if not candidate.is_file():
             raise ModelFileError(
                 f"model {entry.name} {entry.version} is not downloaded yet ({candidate}); the Slicer module fetches "

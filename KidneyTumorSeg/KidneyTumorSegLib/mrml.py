@@ -22,6 +22,7 @@ import slicer
 import vtk
 
 from .errors import KidneyTumorSegError
+from .laterality import LEFT_KIDNEY, RIGHT_KIDNEY
 from .postprocessing import KIDNEY, TUMOR
 from .process import (
     BackgroundPrediction,
@@ -146,6 +147,8 @@ ANATOMICAL_STRUCTURE: Code = ("SCT", "123037004", "Anatomical Structure")
 MORPHOLOGICALLY_ALTERED_STRUCTURE: Code = ("SCT", "49755003", "Morphologically Altered Structure")
 KIDNEY_CODE: Code = ("SCT", "64033007", "Kidney")
 NEOPLASM_CODE: Code = ("SCT", "108369006", "Neoplasm")
+RIGHT_CODE: Code = ("SCT", "24028007", "Right")
+LEFT_CODE: Code = ("SCT", "7771000", "Left")
 
 
 def terminology_entry(category: Code, type_: Code, region: Code = _NO_CODE, modifier: Code = _NO_CODE) -> str:
@@ -180,22 +183,52 @@ class SegmentSpec:
 
 # Colors: Slicer's generic anatomy colors for kidney and tumor (the QC pictures of overlay.py use the
 # same; a test keeps the two equal).
+_KIDNEY_COLOR = (185, 102, 83)
+_TUMOR = SegmentSpec(
+    TUMOR,
+    "Tumor",
+    (144, 238, 144),
+    terminology_entry(MORPHOLOGICALLY_ALTERED_STRUCTURE, NEOPLASM_CODE, region=KIDNEY_CODE),
+)
 SEGMENTS: tuple[SegmentSpec, ...] = (
-    SegmentSpec(KIDNEY, "Kidney", (185, 102, 83), terminology_entry(ANATOMICAL_STRUCTURE, KIDNEY_CODE)),
+    SegmentSpec(KIDNEY, "Kidney", _KIDNEY_COLOR, terminology_entry(ANATOMICAL_STRUCTURE, KIDNEY_CODE)),
+    _TUMOR,
+)
+# With "separate left and right kidney" (labels of ``laterality.split_kidneys``: 1 right, 2 tumor, 3 left);
+# the left kidney a little lighter so the two can be told apart where they are drawn side by side.
+SPLIT_SEGMENTS: tuple[SegmentSpec, ...] = (
     SegmentSpec(
-        TUMOR,
-        "Tumor",
-        (144, 238, 144),
-        terminology_entry(MORPHOLOGICALLY_ALTERED_STRUCTURE, NEOPLASM_CODE, region=KIDNEY_CODE),
+        RIGHT_KIDNEY,
+        "Kidney, right",
+        _KIDNEY_COLOR,
+        terminology_entry(ANATOMICAL_STRUCTURE, KIDNEY_CODE, modifier=RIGHT_CODE),
+    ),
+    _TUMOR,
+    SegmentSpec(
+        LEFT_KIDNEY,
+        "Kidney, left",
+        (212, 140, 120),
+        terminology_entry(ANATOMICAL_STRUCTURE, KIDNEY_CODE, modifier=LEFT_CODE),
     ),
 )
+
+
+def segment_specs(split_kidneys: bool) -> tuple[SegmentSpec, ...]:
+    return SPLIT_SEGMENTS if split_kidneys else SEGMENTS
+
+
+def _specs_of(segmentation_node: slicer.vtkMRMLSegmentationNode) -> tuple[SegmentSpec, ...]:
+    """The segment set a segmentation holds: split when it has a "Kidney, right" or "Kidney, left"."""
+    segmentation = segmentation_node.GetSegmentation()
+    split = any(segmentation.GetSegmentIdBySegmentName(spec.name) for spec in SPLIT_SEGMENTS if spec.label != TUMOR)
+    return segment_specs(split)
 
 
 def segment_ids_by_label(segmentation_node: slicer.vtkMRMLSegmentationNode) -> dict[int, str]:
     """Label value -> segment ID, for the segments this module made (found by name)."""
     segmentation = segmentation_node.GetSegmentation()
     found = {}
-    for spec in SEGMENTS:
+    for spec in _specs_of(segmentation_node):
         segment_id = segmentation.GetSegmentIdBySegmentName(spec.name)
         if segment_id:
             found[spec.label] = segment_id
@@ -232,11 +265,13 @@ class SegmentationTask:
         volume_node: slicer.vtkMRMLScalarVolumeNode,
         output_node: slicer.vtkMRMLSegmentationNode | None,
         run: BackgroundPrediction,
+        split_kidneys: bool = False,
     ) -> None:
         self._logic = logic
         self.volume_node = volume_node
         self.output_node = output_node
         self.run = run
+        self.split_kidneys = split_kidneys
         self.result: SegmentationResult | None = None
         self.error = ""
         self._status = run.status()
@@ -249,7 +284,9 @@ class SegmentationTask:
         status = self.run.status()
         if status.state == RunState.SUCCEEDED and self.result is None and not self.error:
             try:
-                segmentation = self._logic.importLabels(self.run.output_path, self.volume_node, self.output_node)
+                segmentation = self._logic.importLabels(
+                    self.run.output_path, self.volume_node, self.output_node, self.split_kidneys
+                )
                 volumes = self._logic.segmentVolumes(segmentation)
                 table = self._logic.updateVolumesTable(segmentation, volumes)
                 self.result = SegmentationResult(segmentation, table, volumes, status, list(status.warnings))
@@ -347,14 +384,15 @@ class KidneyTumorSegLogic:
         """
         if volume_node is None:
             raise KidneyTumorSegError("no input volume: select the CT to segment.")
+        options = options or RunOptions()
         run = BackgroundPrediction(self.launcher, self.python)
         try:
             write_volume_node(volume_node, run.input_path)
-            run.start(options or RunOptions())
+            run.start(options)
         except BaseException:
             run.cleanup()
             raise
-        return SegmentationTask(self, volume_node, output_node, run)
+        return SegmentationTask(self, volume_node, output_node, run, options.split_kidneys)
 
     def segment(
         self,
@@ -380,8 +418,11 @@ class KidneyTumorSegLogic:
         labels_path: str | Path,
         volume_node: slicer.vtkMRMLScalarVolumeNode,
         output_node: slicer.vtkMRMLSegmentationNode | None = None,
+        split_kidneys: bool = False,
     ) -> slicer.vtkMRMLSegmentationNode:
-        """Labels file (0 background, 1 kidney, 2 tumor on the CT's grid) -> Kidney and Tumor segments.
+        """Labels file (0 background, 1 kidney, 2 tumor on the CT's grid) -> Kidney and Tumor segments;
+        with ``split_kidneys`` (1 right kidney, 2 tumor, 3 left kidney) -> "Kidney, right", "Tumor",
+        "Kidney, left".
 
         The segments sit on exactly the CT's voxels: the labelmap takes the volume node's own IJK-to-RAS
         matrix, after a check that the file's grid is that grid. Both segments always exist (empty when
@@ -409,7 +450,7 @@ class KidneyTumorSegLogic:
             try:
                 segmentation.RemoveAllSegments()
                 ids = vtk.vtkStringArray()
-                for spec in SEGMENTS:
+                for spec in segment_specs(split_kidneys):
                     segment_id = segmentation.AddEmptySegment("", spec.name, list(spec.color))
                     segmentation.GetSegment(segment_id).SetTerminology(spec.terminology)
                     ids.InsertNextValue(segment_id)
@@ -437,7 +478,7 @@ class KidneyTumorSegLogic:
 
         volumes = {}
         segmentation = segmentation_node.GetSegmentation()
-        for spec in SEGMENTS:
+        for spec in _specs_of(segmentation_node):
             segment_id = segmentation.GetSegmentIdBySegmentName(spec.name)
             if not segment_id:
                 continue
@@ -452,10 +493,11 @@ class KidneyTumorSegLogic:
         self, segmentation_node: slicer.vtkMRMLSegmentationNode, reference_volume: slicer.vtkMRMLVolumeNode
     ) -> np.ndarray:
         """The Kidney and Tumor segments as a (k, j, i) label array on the reference volume's grid (1 kidney,
-        2 tumor; the inverse of ``importLabels``)."""
+        2 tumor; or 1 right kidney, 2 tumor, 3 left kidney for split segments: the inverse of
+        ``importLabels``)."""
         ids_by_label = segment_ids_by_label(segmentation_node)
         ids = vtk.vtkStringArray()
-        for spec in SEGMENTS:
+        for spec in _specs_of(segmentation_node):
             if spec.label not in ids_by_label:
                 raise KidneyTumorSegError(f"segmentation {segmentation_node.GetName()!r} has no {spec.name} segment.")
             ids.InsertNextValue(ids_by_label[spec.label])

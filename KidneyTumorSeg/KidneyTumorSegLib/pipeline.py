@@ -16,7 +16,7 @@ from pathlib import Path
 import SimpleITK as sitk
 import torch
 
-from . import io, metrics
+from . import io, laterality, metrics
 from .inference import InferenceSettings, resolve_device, segment_model_grid
 from .modelfile import LoadedModel
 from .postprocessing import PostprocessSettings, postprocess
@@ -51,6 +51,7 @@ class SegmentOptions:
     postprocess: bool = True
     crop_to_body: bool = True
     mixed_precision: bool = True
+    split_kidneys: bool = False  # labels 1 right kidney, 2 tumor, 3 left kidney (see laterality.py)
 
 
 @dataclass
@@ -142,6 +143,12 @@ def segment(
 
     stages.begin("postprocess")
     report = postprocess(labels, PostprocessSettings(enabled=options.postprocess))
+    notes = list(report.notes)
+    if options.split_kidneys:
+        sides = laterality.split_kidneys(labels, image, sitk.GetArrayViewFromImage(image))
+        labels = sides.labels
+        notes += [f"left/right by {sides.method}: " + note for note in sides.notes]
+        warnings += sides.warnings
     label_image = labels_like(labels, image)
     volumes = metrics.label_volumes_ml(labels, image.GetSpacing())
     stages.end()
@@ -152,7 +159,7 @@ def segment(
         volumes_ml=volumes,
         timings_s=dict(stages.timings),
         warnings=warnings,
-        notes=report.notes,
+        notes=notes,
         device=str(device),
     )
 

@@ -147,6 +147,7 @@ class PredictionRequest:
     device: str = "auto"
     tta: bool = False
     postprocess: bool = True
+    split_kidneys: bool = False
 
 
 def prediction_command(python: str, input_path: Path, output_path: Path, request: PredictionRequest) -> list[str]:
@@ -159,6 +160,8 @@ def prediction_command(python: str, input_path: Path, output_path: Path, request
         command.append("--tta")
     if not request.postprocess:
         command.append("--no-postprocess")
+    if request.split_kidneys:
+        command.append("--split-kidneys")
     return command
 
 

@@ -27,8 +27,11 @@ import vtk
 from .mrml import (
     ANATOMIC_CONTEXT,
     KIDNEY_CODE,
+    LEFT_CODE,
     NEOPLASM_CODE,
+    RIGHT_CODE,
     SEGMENTS,
+    SPLIT_SEGMENTS,
     TERMINOLOGY_CONTEXT,
     KidneyTumorSegLogic,
     RunOptions,
@@ -141,9 +144,16 @@ def load_ct_in_study(ctx: SelfTestContext, path: Path, name: str = "Phantom CT")
 
 def run_cli(ctx: SelfTestContext, ct_path: Path, labels_path: Path, *extra: str) -> np.ndarray:
     """The labels the command writes for a file, run as batch users run it."""
+    return run_cli_with_model(ctx, ctx.model_path, ct_path, labels_path, *extra)
+
+
+def run_cli_with_model(
+    ctx: SelfTestContext, model_path: Path | None, ct_path: Path, labels_path: Path, *extra: str
+) -> np.ndarray:
+    """``run_cli`` with another model (None: the registry's default, the bundled demo model)."""
     command = [ctx.python, "-m", "KidneyTumorSegLib", "predict", str(ct_path), "-o", str(labels_path)]
-    if ctx.model_path is not None:
-        command += ["--model", str(ctx.model_path)]
+    if model_path is not None:
+        command += ["--model", str(model_path)]
     command += ["--device", ctx.device, "--progress", "none", *extra]
     done = subprocess.run(  # noqa: S603
         command, capture_output=True, text=True, env=child_environment(), timeout=ctx.timeout_s, check=False
@@ -389,6 +399,47 @@ def check_failing_command_surfaces_its_message(ctx: SelfTestContext, volume: sli
         raise AssertionError("segment() did not raise on a corrupt model file")
 
 
+def check_split_kidneys(ctx: SelfTestContext, ct_path: Path, volume: slicer.vtkMRMLScalarVolumeNode) -> None:
+    """ "Separate left and right kidney", with the bundled demo model (so that both kidneys are found):
+    "Kidney, right", "Tumor", "Kidney, left" with side modifiers in their terminology, voxel for voxel the
+    command's ``--split-kidneys`` labels, and each kidney on the patient's side in RAS."""
+    cli = run_cli_with_model(ctx, None, ct_path, ctx.workdir / "cli-split.nrrd", "--split-kidneys")
+    result = ctx.logic().segment(volume, ctx.options(model=None, split_kidneys=True), timeout=ctx.timeout_s)
+    node = result.segmentation_node
+    try:
+        segmentation = node.GetSegmentation()
+        names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+        check(names == [s.name for s in SPLIT_SEGMENTS], f"segments {names}")
+        for spec, side in ((SPLIT_SEGMENTS[0], RIGHT_CODE), (SPLIT_SEGMENTS[2], LEFT_CODE)):
+            entry = slicer.vtkSlicerTerminologyEntry()
+            segment = segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName(spec.name))
+            check(
+                slicer.vtkSlicerTerminologiesModuleLogic.DeserializeTerminologyEntry(segment.GetTerminology(), entry),
+                f"{spec.name}: terminology cannot be read",
+            )
+            type_, modifier = entry.GetTypeObject(), entry.GetTypeModifierObject()
+            check(type_.GetCodeValue() == KIDNEY_CODE[1], f"{spec.name}: type {type_.GetCodeValue()}")
+            check(modifier.GetCodeValue() == side[1], f"{spec.name}: modifier {modifier.GetCodeValue()}, not {side}")
+        exported = ctx.logic().exportLabels(node, volume)
+        differ = int(np.count_nonzero(exported != cli))
+        check(differ == 0, f"{differ} voxels differ from the command's --split-kidneys labels")
+        ijk_to_ras = ijk_to_ras_of(volume)
+        ras_x = {}
+        for value in (1, 3):
+            kji = np.argwhere(exported == value)
+            check(kji.size > 0, f"label {value}: no voxel; both kidneys should be found in the phantom")
+            centroid_ijk = kji[:, ::-1].mean(axis=0)
+            ras_x[value] = float((ijk_to_ras[:3, :3] @ centroid_ijk + ijk_to_ras[:3, 3])[0])
+        check(ras_x[1] > 0 > ras_x[3], f"RAS x of the right kidney {ras_x[1]:.0f}, left {ras_x[3]:.0f} mm")
+        volumes = ctx.logic().segmentVolumes(node)
+        check(list(volumes) == [s.name for s in SPLIT_SEGMENTS], f"volumes of {list(volumes)}")
+    finally:
+        table = result.table_node
+        ctx.scene.RemoveNode(table)
+        ctx.scene.RemoveNode(node.GetDisplayNode())
+        ctx.scene.RemoveNode(node)
+
+
 def run_all(ctx: SelfTestContext, log=print) -> None:
     """Every check in order, as the Slicer self-test runs them (pytest runs them one by one)."""
     ct_path = write_phantom_ct(ctx.workdir)
@@ -412,3 +463,5 @@ def run_all(ctx: SelfTestContext, log=print) -> None:
     check_cancel_leaves_scene_unchanged(ctx, volume)
     log("failing command")
     check_failing_command_surfaces_its_message(ctx, volume)
+    log("left and right kidney")
+    check_split_kidneys(ctx, ct_path, volume)

@@ -141,3 +141,83 @@ def test_demo_writes_ct_truth_labels_and_picture_and_prints_dice(tmp_path):
     assert picture.GetNumberOfComponentsPerPixel() == 3 and picture.GetSize()[0] > 200
     assert "Dice vs truth: kidney" in result.stdout
     assert _same_grid(sitk.ReadImage(str(out / "labels.nii.gz")), sitk.ReadImage(str(out / "ct.nii.gz")))
+
+
+def test_split_kidneys_labels_each_kidney_by_side_and_evaluate_merges_them(tmp_path):
+    """With the bundled demo model: --split-kidneys gives 1 right, 2 tumor, 3 left on the patient's sides
+    (an IPL file, so array order and anatomy disagree), and is otherwise the plain result."""
+    phantom = make_phantom(21, size=(96, 80, 60), spacing=(4.0, 4.0, 5.0), orientation="IPL", n_tumors=1)
+    ct, truth = tmp_path / "ct.nii.gz", tmp_path / "truth.nii.gz"
+    sitk.WriteImage(phantom.image, str(ct))
+    sitk.WriteImage(phantom.labels, str(truth))
+    plain, split = tmp_path / "plain.nii.gz", tmp_path / "split.nii.gz"
+    for out, extra in ((plain, ()), (split, ("--split-kidneys",))):
+        result = kts("predict", str(ct), "-o", str(out), "--progress", "json", "--device", "cpu", *extra)
+        assert result.returncode == 0, result.stderr
+    done = json.loads(result.stdout.splitlines()[-1])
+    assert set(done["volumes_ml"]) == {"kidney_right", "tumor", "kidney_left"}
+    a = sitk.GetArrayFromImage(sitk.ReadImage(str(plain)))
+    image = sitk.ReadImage(str(split))
+    b = sitk.GetArrayFromImage(image)
+    assert set(np.unique(b)) == {0, 1, 2, 3}
+    assert np.array_equal(np.where(b == 3, 1, b), a)
+    from KidneyTumorSegLib.laterality import lps_x_of_voxels
+
+    assert lps_x_of_voxels(image, np.nonzero(b == 3)).mean() > 30.0  # patient left is LPS +x
+    assert lps_x_of_voxels(image, np.nonzero(b == 1)).mean() < -30.0
+
+    merged = kts("evaluate", str(split), str(truth), "--merge-sides")
+    reference = kts("evaluate", str(plain), str(truth))
+    assert merged.returncode == reference.returncode == 0
+    keys = ("kidney_dice", "tumor_dice")
+    assert [json.loads(merged.stdout)[k] for k in keys] == [json.loads(reference.stdout)[k] for k in keys]
+    unmerged = kts("evaluate", str(split), str(truth))
+    assert "--merge-sides" in unmerged.stderr
+
+
+def test_a_registry_model_is_downloaded_with_json_progress_before_the_case(
+    tmp_path, monkeypatch, capsys, tiny_model_path
+):
+    """What the Slicer panel shows on first use of a downloadable model: 'download model' progress lines
+    (bytes, total, fraction), then the case. The network is replaced by the file's bytes in memory."""
+    import hashlib
+    import io as _io
+
+    from KidneyTumorSegLib import cli, modelfile
+
+    data = tiny_model_path.read_bytes()
+    registry = tmp_path / "models.json"
+    entry = {
+        "name": "remote",
+        "version": "1.0",
+        "default": True,
+        "file": None,
+        "url": "https://models.example/remote.safetensors",
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "labels": {"background": 0, "kidney": 1, "tumor": 2},
+        "trained": False,
+        "description": "test",
+        "license": "Apache-2.0",
+        "intended_use": "tests",
+    }
+    registry.write_text(json.dumps({"format_version": 1, "models": [entry]}))
+    monkeypatch.setenv(modelfile.REGISTRY_ENV, str(registry))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+    class Response(_io.BytesIO):
+        headers = {"Content-Length": str(len(data))}
+
+    opened = []
+    monkeypatch.setattr(modelfile, "urlopen", lambda url, timeout: opened.append(url) or Response(data))
+    phantom = make_phantom(2, size=(48, 40, 16), spacing=(6.0, 6.0, 10.0))
+    ct = tmp_path / "ct.nrrd"
+    sitk.WriteImage(phantom.image, str(ct))
+    code = cli.main(["predict", str(ct), "-o", str(tmp_path / "out.nrrd"), "--progress", "json", "--device", "cpu"])
+    assert code == 0 and opened == [entry["url"]]
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    download = [r for r in records if r.get("stage") == "download model"]
+    assert download and download[-1]["bytes"] == download[-1]["total_bytes"] == len(data)
+    assert download[-1]["fraction"] == 1.0
+    first_case = next(i for i, r in enumerate(records) if r.get("stage") == "read")
+    assert records.index(download[-1]) < first_case
+    assert (tmp_path / "cache" / "kidneytumorseg" / "models" / "remote-1.0.safetensors").read_bytes() == data

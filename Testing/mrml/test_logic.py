@@ -79,3 +79,7 @@ def test_cancelled_run_leaves_the_scene_as_it_was(ctx, volume):
 
 def test_failing_command_surfaces_its_own_message(ctx, volume):
     selftests.check_failing_command_surfaces_its_message(ctx, volume)
+
+
+def test_split_kidneys_gives_sided_segments_equal_to_the_command(ctx, ct_path, volume):
+    selftests.check_split_kidneys(ctx, ct_path, volume)
