@@ -205,39 +205,111 @@ def _load_model(spec: str | None, device: str = "cpu", progress=None):
     return load_model(resolve_model(spec, download=True, progress=progress), resolve_device(device))
 
 
+def _current_rss_mb() -> float | None:
+    """This process's resident memory now (Linux; None elsewhere): reported after each case, so that a
+    batch shows whether memory stays flat."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return round(int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class _Ranks:
+    """Data-parallel ``predict`` under torchrun: rank r of N takes cases r, r + N, ... and rank 0 prints one
+    summary over all of them. Without torchrun (no WORLD_SIZE, or 1) a single rank does everything."""
+
+    def __init__(self) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self._group = False
+        if self.world > 1:
+            import torch.distributed as dist
+
+            # gloo carries only the small end-of-run summary, so it serves GPU runs as well.
+            dist.init_process_group("gloo")
+            self._group = True
+
+    def device(self, requested: str) -> str:
+        """Each rank on its own GPU (LOCAL_RANK) when the run uses CUDA."""
+        import torch
+
+        if self.world > 1 and requested in ("auto", "cuda") and torch.cuda.is_available():
+            torch.cuda.set_device(self.local_rank % torch.cuda.device_count())
+        return requested
+
+    def gather(self, item: object) -> list:
+        if not self._group:
+            return [item]
+        import torch.distributed as dist
+
+        items: list = [None] * self.world
+        dist.all_gather_object(items, item)
+        return items
+
+    def close(self) -> None:
+        if self._group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+            self._group = False
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
+    ranks = _Ranks()
+    try:
+        return _predict(args, ranks)
+    finally:
+        ranks.close()
+
+
+def _predict(args: argparse.Namespace, ranks: _Ranks) -> int:
     from .io import LABEL_SUFFIXES
     from .metrics import format_volumes
     from .pipeline import _validate_options, predict_file
 
     options = _segment_options(args)
+    options.device = ranks.device(options.device)
     _validate_options(options)  # once, before any work: not once per case
     cases = plan_cases(args.inputs, args.output, args.format)
-    printer = ProgressPrinter(args.progress, len(cases))
-    model = _load_model(args.model, args.device, printer.download)
+    all_cases = len(cases)
+    skipped = [c for c in cases if args.skip_existing and c.output.is_file()]
+    todo = [c for c in cases if c not in skipped]
+    mine = todo[ranks.rank :: ranks.world]
+    printer = ProgressPrinter(args.progress, len(mine))
+    model = _load_model(args.model, options.device, printer.download)
     printer.end_case()
     folder = cases[0].output.parent
     if not Path(args.output).name.lower().endswith(LABEL_SUFFIXES) and not folder.is_dir():
         try:
-            folder.mkdir(parents=True)
+            folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise OutputError(
                 f"{folder}: cannot create the output folder ({exc.strerror}); choose another -o."
             ) from None
-    if not model.metadata.trained:
+    if not model.metadata.trained and ranks.rank == 0:
         _warn(f"model {model.metadata.name} is UNTRAINED (random weights): its labels are meaningless.")
-    failures = []
-    for index, case in enumerate(cases):
+    if skipped and ranks.rank == 0:
+        print(
+            f"{len(skipped)} of {all_cases} outputs exist already and are skipped (--skip-existing)",
+            file=sys.stderr if args.progress == "json" else sys.stdout,
+            flush=True,
+        )
+    failures: list[tuple[str, str]] = []
+    done_here: list[str] = []
+    for index, case in enumerate(mine):
         printer.start_case(case.name, index)
         try:
             result = predict_file(case.input, case.output, model, options, printer)
         except KidneyTumorSegError as exc:
             printer.end_case()
-            failures.append((case, str(exc)))
+            failures.append((case.name, str(exc)))
             _error(str(exc))
-            printer.emit({"event": "case_failed", "case": case.name, "error": str(exc)})
+            printer.emit({"event": "case_failed", "case": case.name, "error": str(exc), "rank": ranks.rank})
             continue
         printer.end_case()
+        done_here.append(case.name)
         for warning in result.warnings:
             _warn(warning)
         total = sum(result.timings_s.values())
@@ -251,6 +323,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
                     "timings_s": {k: round(v, 3) for k, v in result.timings_s.items()},
                     "device": result.device,
                     "warnings": result.warnings,
+                    "rank": ranks.rank,
+                    "rss_mb": _current_rss_mb(),
                 }
             )
         else:
@@ -258,16 +332,31 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 f"{case.name}: {format_volumes(result.volumes_ml)} -> {case.output} ({total:.1f} s)",
                 flush=True,
             )
-    if len(cases) > 1:
-        done = len(cases) - len(failures)
-        summary = f"{done} of {len(cases)} cases segmented"
-        if failures:
-            summary += "; failed: " + "; ".join(f"{c.name} ({msg})" for c, msg in failures)
+    gathered = ranks.gather((done_here, failures))
+    done_all = [name for names, _ in gathered for name in names]
+    failures_all = [f for _, fails in gathered for f in fails]
+    if (all_cases > 1 or ranks.world > 1) and ranks.rank == 0:
+        summary = f"{len(done_all)} of {len(todo)} cases segmented"
+        if skipped:
+            summary += f" ({len(skipped)} skipped: output exists)"
+        if ranks.world > 1:
+            summary += f" by {ranks.world} processes"
+        if failures_all:
+            summary += "; failed: " + "; ".join(f"{name} ({msg})" for name, msg in failures_all)
         print(summary, file=sys.stderr if args.progress == "json" else sys.stdout, flush=True)
-        printer.emit({"event": "summary", "done": done, "failed": [c.name for c, _ in failures]})
-    if not failures:
+        printer.emit(
+            {
+                "event": "summary",
+                "done": len(done_all),
+                "done_cases": sorted(done_all),
+                "skipped": [c.name for c in skipped],
+                "failed": [name for name, _ in failures_all],
+                "processes": ranks.world,
+            }
+        )
+    if not failures_all:
         return EXIT_OK
-    return EXIT_BAD_INPUT if len(failures) == len(cases) else EXIT_PARTIAL
+    return EXIT_BAD_INPUT if len(failures_all) == len(todo) else EXIT_PARTIAL
 
 
 # ------------------------------------------------------------------------------------------------ evaluate
@@ -448,6 +537,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="label the kidneys by side, from the patient's anatomy: 1 right kidney, 2 tumor, 3 left kidney",
     )
     p.add_argument("--format", choices=("nii.gz", "nrrd"), default="nii.gz", help="output type when -o is a folder")
+    p.add_argument(
+        "--skip-existing",
+        action="store_true",
+        help="leave cases whose output file exists alone (rerun a batch: only what is missing is done)",
+    )
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser(

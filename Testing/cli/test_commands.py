@@ -221,3 +221,71 @@ def test_a_registry_model_is_downloaded_with_json_progress_before_the_case(
     first_case = next(i for i, r in enumerate(records) if r.get("stage") == "read")
     assert records.index(download[-1]) < first_case
     assert (tmp_path / "cache" / "kidneytumorseg" / "models" / "remote-1.0.safetensors").read_bytes() == data
+
+
+@pytest.fixture(scope="module")
+def batch_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("batch")
+    for seed in range(5):
+        phantom = make_phantom(seed, size=(40, 36, 12), spacing=(8.0, 8.0, 16.0))
+        sitk.WriteImage(phantom.image, str(folder / f"case{seed}.nrrd"))
+    return folder
+
+
+def test_skip_existing_does_only_what_is_missing(batch_folder, tmp_path, tiny_model_path):
+    out = tmp_path / "out"
+    first = kts("predict", str(batch_folder), "-o", str(out), "--model", str(tiny_model_path), "--progress", "none")
+    assert first.returncode == 0, first.stderr
+    (out / "case1.nii.gz").unlink()
+    (out / "case3.nii.gz").unlink()
+    kept = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    again = kts(
+        "predict", str(batch_folder), "-o", str(out), "--model", str(tiny_model_path), "--progress", "json",
+        "--skip-existing",
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    records = [json.loads(line) for line in again.stdout.splitlines()]
+    assert sorted(r["case"] for r in records if r["event"] == "case_done") == ["case1", "case3"]
+    summary = records[-1]
+    assert summary["event"] == "summary" and summary["skipped"] == ["case0", "case2", "case4"]
+    assert all((out / name).stat().st_mtime_ns == mtime for name, mtime in kept.items())  # untouched
+    assert sorted(p.name for p in out.iterdir()) == [f"case{i}.nii.gz" for i in range(5)]
+
+
+def test_torchrun_shares_the_cases_between_processes_each_done_once(batch_folder, tmp_path, tiny_model_path):
+    """``torchrun --nproc_per_node=2 -m KidneyTumorSegLib predict``: two CPU processes (gloo), each case
+    segmented by exactly one of them, one summary from rank 0 naming all five."""
+    out = tmp_path / "out"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "KidneyTumorSegLib", "predict", str(batch_folder), "-o", str(out),
+        "--model", str(tiny_model_path), "--device", "cpu", "--progress", "json",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, check=False, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    done = [(r["case"], r["rank"]) for r in records if r["event"] == "case_done"]
+    names = [name for name, _ in done]
+    assert sorted(names) == [f"case{i}" for i in range(5)]  # every case once, none twice
+    assert {rank for _, rank in done} == {0, 1}  # both processes worked
+    summaries = [r for r in records if r["event"] == "summary"]
+    assert len(summaries) == 1 and summaries[0]["done"] == 5 and summaries[0]["processes"] == 2
+    assert summaries[0]["done_cases"] == sorted(names)
+    assert sorted(p.name for p in out.iterdir()) == [f"case{i}.nii.gz" for i in range(5)]
+
+
+def test_memory_stays_flat_over_twenty_cases_in_one_call(tmp_path, tiny_model_path):
+    """RSS after each case (reported in case_done): no growth from case 5 to case 20 beyond noise."""
+    folder = tmp_path / "cts"
+    folder.mkdir()
+    for seed in range(20):
+        phantom = make_phantom(seed, size=(32, 32, 12), spacing=(5.0, 5.0, 10.0))  # a 16 x 16 x 12 cm box
+        sitk.WriteImage(phantom.image, str(folder / f"c{seed:02d}.nrrd"))
+    result = kts(
+        "predict", str(folder), "-o", str(tmp_path / "out"), "--model", str(tiny_model_path), "--device", "cpu",
+        "--progress", "json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rss = [json.loads(line)["rss_mb"] for line in result.stdout.splitlines() if '"case_done"' in line]
+    assert len(rss) == 20 and all(r > 0 for r in rss)
+    assert max(rss[4:]) - rss[4] < 40.0, f"RSS after each case (MB): {rss}"
