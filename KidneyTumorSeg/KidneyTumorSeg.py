@@ -315,6 +315,7 @@ class KidneyTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 tta=parameters.tta,
                 postprocess=parameters.postprocess,
                 split_kidneys=parameters.splitKidneys,
+                report=True,
             )
             self.ui.logTextEdit.clear()
             self._task = self.logic.startSegmentation(parameters.inputVolume, options, parameters.outputSegmentation)
@@ -388,6 +389,8 @@ class KidneyTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if layoutManager is not None and layoutManager.threeDWidget(0) is not None:
             layoutManager.threeDWidget(0).threeDView().resetFocalPoint()
         self.ui.resultsTableView.setMRMLTableNode(result.table_node)
+        self.ui.measurementsTableView.setMRMLTableNode(result.measurements_table)
+        self.ui.measurementsTableView.setVisible(result.measurements_table is not None)
         self.ui.resultsCollapsibleButton.setVisible(True)
         self.ui.resultsCollapsibleButton.collapsed = False
 

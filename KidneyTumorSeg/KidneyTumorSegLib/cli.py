@@ -298,10 +298,11 @@ def _predict(args: argparse.Namespace, ranks: _Ranks) -> int:
         )
     failures: list[tuple[str, str]] = []
     done_here: list[str] = []
+    rows_here: list[dict] = []
     for index, case in enumerate(mine):
         printer.start_case(case.name, index)
         try:
-            result = predict_file(case.input, case.output, model, options, printer)
+            result = predict_file(case.input, case.output, model, options, printer, report=args.report)
         except KidneyTumorSegError as exc:
             printer.end_case()
             failures.append((case.name, str(exc)))
@@ -310,6 +311,10 @@ def _predict(args: argparse.Namespace, ranks: _Ranks) -> int:
             continue
         printer.end_case()
         done_here.append(case.name)
+        if result.measurements is not None:
+            from .report import csv_row
+
+            rows_here.append(csv_row(case.name, result.measurements, result.warnings))
         for warning in result.warnings:
             _warn(warning)
         total = sum(result.timings_s.values())
@@ -325,6 +330,7 @@ def _predict(args: argparse.Namespace, ranks: _Ranks) -> int:
                     "warnings": result.warnings,
                     "rank": ranks.rank,
                     "rss_mb": _current_rss_mb(),
+                    "report": result.report_files,
                 }
             )
         else:
@@ -332,9 +338,16 @@ def _predict(args: argparse.Namespace, ranks: _Ranks) -> int:
                 f"{case.name}: {format_volumes(result.volumes_ml)} -> {case.output} ({total:.1f} s)",
                 flush=True,
             )
-    gathered = ranks.gather((done_here, failures))
-    done_all = [name for names, _ in gathered for name in names]
-    failures_all = [f for _, fails in gathered for f in fails]
+    gathered = ranks.gather((done_here, failures, rows_here))
+    done_all = [name for names, _, _ in gathered for name in names]
+    failures_all = [f for _, fails, _ in gathered for f in fails]
+    rows_all = sorted((row for _, _, rows in gathered for row in rows), key=lambda row: row["case"])
+    batch = all_cases > 1 or not Path(args.output).name.lower().endswith(LABEL_SUFFIXES)
+    if args.report and batch and ranks.rank == 0 and rows_all:
+        from .report import write_batch_csv
+
+        csv_path = write_batch_csv(folder / "report.csv", rows_all)
+        print(f"report: {csv_path}", file=sys.stderr if args.progress == "json" else sys.stdout, flush=True)
     if (all_cases > 1 or ranks.world > 1) and ranks.rank == 0:
         summary = f"{len(done_all)} of {len(todo)} cases segmented"
         if skipped:
@@ -537,6 +550,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="label the kidneys by side, from the patient's anatomy: 1 right kidney, 2 tumor, 3 left kidney",
     )
     p.add_argument("--format", choices=("nii.gz", "nrrd"), default="nii.gz", help="output type when -o is a folder")
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help="also write per case NAME.report.json (kidney and tumor measurements, R.E.N.A.L. parts) and "
+        "NAME.report.png (QC montage), and for a batch report.csv",
+    )
     p.add_argument(
         "--skip-existing",
         action="store_true",

@@ -11,6 +11,7 @@ goes through them.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from .process import (
 
 MODULE_NAME = "KidneyTumorSeg"
 VOLUMES_TABLE_ROLE = "KidneyTumorSeg.VolumesTable"
+MEASUREMENTS_TABLE_ROLE = "KidneyTumorSeg.MeasurementsTable"
 
 # ------------------------------------------------------------------------------------------- geometry
 
@@ -245,6 +247,8 @@ class SegmentationResult:
     volumes_ml: dict[str, float]
     status: RunStatus | None = None
     warnings: list[str] = field(default_factory=list)
+    measurements: dict | None = None  # the command's report (measurements.CaseMeasurements as JSON)
+    measurements_table: slicer.vtkMRMLTableNode | None = None
 
 
 # The panel's choices are exactly what the background command needs: one class, two names.
@@ -266,12 +270,14 @@ class SegmentationTask:
         output_node: slicer.vtkMRMLSegmentationNode | None,
         run: BackgroundPrediction,
         split_kidneys: bool = False,
+        report: bool = False,
     ) -> None:
         self._logic = logic
         self.volume_node = volume_node
         self.output_node = output_node
         self.run = run
         self.split_kidneys = split_kidneys
+        self.report = report
         self.result: SegmentationResult | None = None
         self.error = ""
         self._status = run.status()
@@ -290,6 +296,11 @@ class SegmentationTask:
                 volumes = self._logic.segmentVolumes(segmentation)
                 table = self._logic.updateVolumesTable(segmentation, volumes)
                 self.result = SegmentationResult(segmentation, table, volumes, status, list(status.warnings))
+                if self.report:
+                    self.result.measurements = read_report(self.run.output_path)["measurements"]
+                    self.result.measurements_table = self._logic.updateMeasurementsTable(
+                        segmentation, self.result.measurements
+                    )
             except KidneyTumorSegError as exc:
                 self.error = str(exc)
                 status.state = RunState.FAILED
@@ -392,7 +403,7 @@ class KidneyTumorSegLogic:
         except BaseException:
             run.cleanup()
             raise
-        return SegmentationTask(self, volume_node, output_node, run, options.split_kidneys)
+        return SegmentationTask(self, volume_node, output_node, run, options.split_kidneys, options.report)
 
     def segment(
         self,
@@ -544,6 +555,54 @@ class KidneyTumorSegLogic:
         table.EndModify(was_modified)
         return table
 
+    def updateMeasurementsTable(
+        self, segmentation_node: slicer.vtkMRMLSegmentationNode, measurements: dict
+    ) -> slicer.vtkMRMLTableNode:
+        """One row per tumor (largest first) with the report's measurements: side, volume, diameters,
+        tumor-to-kidney ratio and the R.E.N.A.L. parts (N not computed); reused on a rerun."""
+        table = segmentation_node.GetNodeReference(MEASUREMENTS_TABLE_ROLE)
+        if table is None:
+            table = slicer.vtkMRMLTableNode()
+            table.SetName(self.scene.GenerateUniqueName(f"{segmentation_node.GetName()} measurements"))
+            table = self.scene.AddNode(table)
+            segmentation_node.SetNodeReferenceID(MEASUREMENTS_TABLE_ROLE, table.GetID())
+            self._place_beside(table, segmentation_node)
+        was_modified = table.StartModify()
+        table.RemoveAllColumns()
+        columns = [
+            (name, vtk.vtkStringArray() if kind is str else vtk.vtkDoubleArray()) for name, kind in MEASUREMENT_COLUMNS
+        ]
+        for name, array in columns:
+            array.SetName(name)
+        for tumor in measurements.get("tumors", []):
+            renal = tumor["renal"]
+            values = [
+                f"Tumor {tumor['tumor']}",
+                tumor["side"],
+                tumor["volume_ml"],
+                tumor["largest_diameter_mm"],
+                tumor["axial_long_axis_mm"],
+                tumor["axial_short_axis_mm"],
+                tumor["tumor_to_kidney_volume_ratio"],
+                str(renal["R"]["score"]),
+                f"{renal['E']['score']} ({100 * renal['E']['value']:.0f}% outside)",
+                str(renal["A"]["score"]),
+                str(renal["L"]["score"]),
+                "not computed",
+            ]
+            for (_, array), value in zip(columns, values, strict=True):
+                if isinstance(array, vtk.vtkStringArray):
+                    array.InsertNextValue(str(value))
+                else:
+                    array.InsertNextValue(float("nan") if value is None else round(float(value), 3))
+        for _, array in columns:
+            table.AddColumn(array)
+        for name, unit in (("Volume [mL]", "mL"), ("Largest diameter [mm]", "mm"), ("Axial long axis [mm]", "mm")):
+            table.SetColumnUnitLabel(name, unit)
+        table.SetColumnDescription("N", "nearness to the collecting system: the model does not segment it")
+        table.EndModify(was_modified)
+        return table
+
     # -------------------------------------------------------------------------------------- internals
 
     def _node_ids(self, class_name: str) -> set[str]:
@@ -581,6 +640,33 @@ class KidneyTumorSegLogic:
             hierarchy.CreateItem(parent, node)
         else:
             hierarchy.SetItemParent(item, parent)
+
+
+MEASUREMENT_COLUMNS = (
+    ("Tumor", str),
+    ("Side", str),
+    ("Volume [mL]", float),
+    ("Largest diameter [mm]", float),
+    ("Axial long axis [mm]", float),
+    ("Axial short axis [mm]", float),
+    ("Tumor/kidney volume", float),
+    ("R", str),
+    ("E", str),
+    ("A", str),
+    ("L", str),
+    ("N", str),
+)
+
+
+def read_report(labels_path: str | Path) -> dict:
+    """The command's ``NAME.report.json`` beside the labels it wrote."""
+    from .report import report_paths
+
+    path = report_paths(labels_path)[0]
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise KidneyTumorSegError(f"{path}: the measurements could not be read ({exc}).") from None
 
 
 def _image_data_from_array(array: np.ndarray) -> vtk.vtkImageData:

@@ -17,8 +17,9 @@ import torch.nn.functional as F
 
 from .preprocessing import canonical_orientation
 
-# Slicer's colours for the two structures (the generic anatomy colour table).
-LABEL_COLORS = {1: (185, 102, 83), 2: (144, 238, 144)}
+# Slicer's colours for the two structures (the generic anatomy colour table); 3 is the left kidney of
+# labels split by side (lighter, as in the Slicer module).
+LABEL_COLORS = {1: (185, 102, 83), 2: (144, 238, 144), 3: (212, 140, 120)}
 WINDOW_HU = (-160.0, 240.0)  # abdominal soft-tissue window
 
 
@@ -96,3 +97,47 @@ def write_png(rgb: np.ndarray, path: str | os.PathLike) -> None:
     from .io import write_image_atomic
 
     write_image_atomic(sitk.GetImageFromArray(rgb, isVector=True), path, compress=False)
+
+
+def _scale_bar(rgb: np.ndarray, pixel_mm: float, length_mm: float = 50.0) -> np.ndarray:
+    """Draw a white bar of ``length_mm`` with a dark outline near the bottom-left corner."""
+    out = rgb.copy()
+    length = int(round(length_mm / pixel_mm))
+    if length + 16 > out.shape[1] or out.shape[0] < 20:
+        return out
+    r0, c0 = out.shape[0] - 12, 8
+    out[r0 - 1 : r0 + 5, c0 - 1 : c0 + length + 1] = 0
+    out[r0 : r0 + 4, c0 : c0 + length] = 255
+    for tick in (c0, c0 + length - 2):
+        out[r0 - 6 : r0, tick : tick + 2] = 255
+    return out
+
+
+def montage(
+    ct: sitk.Image, labels: sitk.Image, center_zyx: Sequence[int] | None = None, pixel_mm: float = 1.0
+) -> np.ndarray:
+    """Axial, coronal and sagittal slices through ``center_zyx`` (a canonical voxel; default: the centre of
+    the foreground) side by side, CT with the labels over it, each with a 5 cm scale bar.
+
+    Axial: patient's right on the left, anterior up; coronal: right on the left, superior up; sagittal:
+    anterior on the left, superior up.
+    """
+    ct_array, spacing = _canonical(ct)
+    lab = _canonical(labels)[0]
+    if center_zyx is None:
+        center_zyx = [int(np.median(a)) for a in np.nonzero(lab)] if lab.any() else [n // 2 for n in lab.shape]
+    z, y, x = (int(v) for v in center_zyx)
+    planes = [
+        (ct_array[z], lab[z], spacing[1:]),
+        (ct_array[::-1, y, :], lab[::-1, y, :], (spacing[0], spacing[2])),
+        (ct_array[::-1, :, x], lab[::-1, :, x], (spacing[0], spacing[1])),
+    ]
+    panels = []
+    for ct_plane, label_plane, plane_spacing in planes:
+        gray = _square_pixels(ct_plane, plane_spacing, "bilinear", pixel_mm)
+        overlay = _square_pixels(label_plane, plane_spacing, "nearest", pixel_mm)
+        panels.append(_scale_bar(_render(gray, overlay), pixel_mm))
+    height = max(p.shape[0] for p in panels)
+    panels = [np.pad(p, ((0, height - p.shape[0]), (0, 0), (0, 0)), constant_values=255) for p in panels]
+    spacer = np.full((height, 4, 3), 255, dtype=np.uint8)
+    return np.concatenate([panels[0], spacer, panels[1], spacer, panels[2]], axis=1)

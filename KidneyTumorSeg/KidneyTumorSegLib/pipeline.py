@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import SimpleITK as sitk
 import torch
@@ -62,6 +63,8 @@ class SegmentResult:
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     device: str = ""
+    measurements: Any = None  # measurements.CaseMeasurements when a report was asked for
+    report_files: list[str] = field(default_factory=list)
 
 
 class _Stages:
@@ -170,8 +173,10 @@ def predict_file(
     model: LoadedModel,
     options: SegmentOptions | None = None,
     progress: ProgressSink | None = None,
+    report: bool = False,
 ) -> SegmentResult:
-    """Read a CT (file or DICOM folder), segment it, and write the labels atomically."""
+    """Read a CT (file or DICOM folder), segment it, and write the labels atomically; with ``report``,
+    also the measurements (JSON) and a QC montage (PNG) beside them (see ``report.py``)."""
     output_path = Path(output_path)
     io.label_suffix(output_path)  # a bad output name fails before any work
     io._check_output_folder(output_path.parent, output_path)  # so does a missing or read-only folder
@@ -183,6 +188,14 @@ def predict_file(
     result.warnings = [w.replace("input image", str(input_path), 1) for w in result.warnings]
     stages.begin("write")
     io.write_labels(result.labels, output_path)
+    if report:
+        from .report import write_case_report
+
+        name = output_path.name[: -len(io.label_suffix(output_path))]
+        json_path, png_path, result.measurements = write_case_report(
+            name, input_path, output_path, image, result.labels, model.metadata, result.volumes_ml, result.warnings
+        )
+        result.report_files = [str(json_path), str(png_path)]
     stages.end()
     result.timings_s = dict(stages.timings)
     return result

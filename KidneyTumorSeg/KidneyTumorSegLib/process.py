@@ -148,6 +148,7 @@ class PredictionRequest:
     tta: bool = False
     postprocess: bool = True
     split_kidneys: bool = False
+    report: bool = False  # also the measurements (NAME.report.json), read back into a table
 
 
 def prediction_command(python: str, input_path: Path, output_path: Path, request: PredictionRequest) -> list[str]:
@@ -162,6 +163,8 @@ def prediction_command(python: str, input_path: Path, output_path: Path, request
         command.append("--no-postprocess")
     if request.split_kidneys:
         command.append("--split-kidneys")
+    if request.report:
+        command.append("--report")
     return command
 
 

@@ -404,7 +404,8 @@ def check_split_kidneys(ctx: SelfTestContext, ct_path: Path, volume: slicer.vtkM
     "Kidney, right", "Tumor", "Kidney, left" with side modifiers in their terminology, voxel for voxel the
     command's ``--split-kidneys`` labels, and each kidney on the patient's side in RAS."""
     cli = run_cli_with_model(ctx, None, ct_path, ctx.workdir / "cli-split.nrrd", "--split-kidneys")
-    result = ctx.logic().segment(volume, ctx.options(model=None, split_kidneys=True), timeout=ctx.timeout_s)
+    options = ctx.options(model=None, split_kidneys=True, report=True)
+    result = ctx.logic().segment(volume, options, timeout=ctx.timeout_s)
     node = result.segmentation_node
     try:
         segmentation = node.GetSegmentation()
@@ -433,11 +434,32 @@ def check_split_kidneys(ctx: SelfTestContext, ct_path: Path, volume: slicer.vtkM
         check(ras_x[1] > 0 > ras_x[3], f"RAS x of the right kidney {ras_x[1]:.0f}, left {ras_x[3]:.0f} mm")
         volumes = ctx.logic().segmentVolumes(node)
         check(list(volumes) == [s.name for s in SPLIT_SEGMENTS], f"volumes of {list(volumes)}")
+        check_measurements_table(result, exported, volume)
     finally:
-        table = result.table_node
-        ctx.scene.RemoveNode(table)
+        for table in (result.table_node, result.measurements_table):
+            if table is not None:
+                ctx.scene.RemoveNode(table)
         ctx.scene.RemoveNode(node.GetDisplayNode())
         ctx.scene.RemoveNode(node)
+
+
+def check_measurements_table(
+    result: SegmentationResult, labels: np.ndarray, volume: slicer.vtkMRMLScalarVolumeNode
+) -> None:
+    """The command's measurements reached a table: one row per tumor, volumes that add up to the tumor
+    segment's, the R.E.N.A.L. parts filled in and N marked as not computed."""
+    check(result.measurements is not None and result.measurements_table is not None, "no measurements table")
+    table = result.measurements_table.GetTable()
+    tumors = result.measurements["tumors"]
+    check(table.GetNumberOfRows() == len(tumors), f"{table.GetNumberOfRows()} rows for {len(tumors)} tumors")
+    voxel_ml = float(np.prod(np.linalg.norm(ijk_to_ras_of(volume)[:3, :3], axis=0))) / 1000.0
+    tumor_ml = int(np.count_nonzero(labels == 2)) * voxel_ml
+    table_ml = sum(table.GetValueByName(r, "Volume [mL]").ToDouble() for r in range(table.GetNumberOfRows()))
+    check(abs(table_ml - tumor_ml) < 0.01 + 1e-3 * tumor_ml, f"tumor volumes {table_ml} mL, segment {tumor_ml} mL")
+    for row in range(table.GetNumberOfRows()):
+        check(table.GetValueByName(row, "Side").ToString() in ("left", "right"), "tumor side missing")
+        check(table.GetValueByName(row, "R").ToString() in ("1", "2", "3"), "R missing")
+        check(table.GetValueByName(row, "N").ToString() == "not computed", "N should say not computed")
 
 
 def run_all(ctx: SelfTestContext, log=print) -> None:

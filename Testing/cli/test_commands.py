@@ -289,3 +289,42 @@ def test_memory_stays_flat_over_twenty_cases_in_one_call(tmp_path, tiny_model_pa
     rss = [json.loads(line)["rss_mb"] for line in result.stdout.splitlines() if '"case_done"' in line]
     assert len(rss) == 20 and all(r > 0 for r in rss)
     assert max(rss[4:]) - rss[4] < 40.0, f"RSS after each case (MB): {rss}"
+
+
+def test_report_writes_measurements_montage_and_a_batch_csv(tmp_path):
+    """predict --report with the bundled demo model on two phantoms: per case a JSON of the measurements and
+    a PNG montage beside the labels, and one CSV for the batch; the JSON's tumor volumes are the labels'."""
+    import csv
+
+    folder = tmp_path / "cts"
+    folder.mkdir()
+    for seed in (3, 4):
+        phantom = make_phantom(seed, n_tumors=1, size=(120, 100, 50), spacing=(3.0, 3.0, 5.0))
+        sitk.WriteImage(phantom.image, str(folder / f"p{seed}.nrrd"))
+    out = tmp_path / "out"
+    result = kts("predict", str(folder), "-o", str(out), "--report", "--split-kidneys", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == [
+        "p3.nii.gz", "p3.report.json", "p3.report.png", "p4.nii.gz", "p4.report.json", "p4.report.png", "report.csv",
+    ]  # fmt: skip
+    rows = list(csv.DictReader((out / "report.csv").open()))
+    assert [r["case"] for r in rows] == ["p3", "p4"]
+    for row in rows:
+        record = json.loads((out / f"{row['case']}.report.json").read_text())
+        labels = sitk.ReadImage(str(out / f"{row['case']}.nii.gz"))
+        voxel_ml = float(np.prod(labels.GetSpacing())) / 1000
+        array = sitk.GetArrayFromImage(labels)
+        m = record["measurements"]
+        assert m["tumor_volume_ml"] == pytest.approx(np.count_nonzero(array == 2) * voxel_ml, abs=1e-3)
+        assert m["kidney_volume_ml"]["left"] == pytest.approx(np.count_nonzero(array == 3) * voxel_ml, abs=1e-3)
+        assert float(row["tumor_volume_ml"]) == pytest.approx(m["tumor_volume_ml"], abs=0.01)
+        assert record["intended_use"].startswith("Research use only")
+        for tumor in m["tumors"]:
+            assert tumor["renal"]["N"]["score"] is None and "collecting system" in tumor["renal"]["N"]["how"]
+            assert tumor["renal"]["R"]["score"] in (1, 2, 3)
+        png = sitk.ReadImage(str(out / f"{row['case']}.report.png"))
+        assert png.GetNumberOfComponentsPerPixel() == 3 and png.GetSize()[0] > 3 * png.GetSize()[1] / 2
+    single = tmp_path / "single.nii.gz"
+    result = kts("predict", str(folder / "p3.nrrd"), "-o", str(single), "--report", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "single.report.json").is_file() and not (tmp_path / "report.csv").exists()

@@ -89,7 +89,16 @@ def test_segments_follow_the_label_values_of_the_command():
 def test_segment_colors_are_the_quality_control_pictures_colors():
     from KidneyTumorSegLib.overlay import LABEL_COLORS
 
-    assert {s.label: s.color_rgb255 for s in mrml.SEGMENTS} == LABEL_COLORS
+    assert {s.label: s.color_rgb255 for s in mrml.SPLIT_SEGMENTS} == LABEL_COLORS
+    assert {s.label: s.color_rgb255 for s in mrml.SEGMENTS} == {k: LABEL_COLORS[k] for k in (1, 2)}
+
+
+def test_split_segments_follow_the_split_label_values():
+    from KidneyTumorSegLib.laterality import SPLIT_LABELS
+
+    assert [(s.label, s.name.lower()) for s in mrml.SPLIT_SEGMENTS] == sorted(
+        (k, v) for k, v in SPLIT_LABELS.items() if k
+    )
 
 
 def test_parameter_node_is_one_singleton_per_scene(scene):

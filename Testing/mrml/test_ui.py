@@ -30,6 +30,7 @@ EXPECTED_CLASSES = {
     "progressBar": "QProgressBar",
     "statusLabel": "QLabel",
     "resultsTableView": "qMRMLTableView",
+    "measurementsTableView": "qMRMLTableView",
     "editInSegmentEditorButton": "QPushButton",
     "logTextEdit": "QPlainTextEdit",
 }
