@@ -302,7 +302,16 @@ def _predict(args: argparse.Namespace, ranks: _Ranks) -> int:
     for index, case in enumerate(mine):
         printer.start_case(case.name, index)
         try:
-            result = predict_file(case.input, case.output, model, options, printer, report=args.report)
+            result = predict_file(
+                case.input,
+                case.output,
+                model,
+                options,
+                printer,
+                report=args.report,
+                seg_nrrd=args.seg_nrrd,
+                dicom_seg=args.dicom_seg,
+            )
         except KidneyTumorSegError as exc:
             printer.end_case()
             failures.append((case.name, str(exc)))
@@ -555,6 +564,16 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also write per case NAME.report.json (kidney and tumor measurements, R.E.N.A.L. parts) and "
         "NAME.report.png (QC montage), and for a batch report.csv",
+    )
+    p.add_argument(
+        "--seg-nrrd",
+        action="store_true",
+        help="also write NAME.seg.nrrd: a Slicer segmentation with segment names, colours and terminology",
+    )
+    p.add_argument(
+        "--dicom-seg",
+        action="store_true",
+        help="also write NAME.seg.dcm: a DICOM Segmentation referencing the input DICOM series (DICOM input only)",
     )
     p.add_argument(
         "--skip-existing",

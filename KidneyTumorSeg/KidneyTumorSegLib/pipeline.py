@@ -174,11 +174,20 @@ def predict_file(
     options: SegmentOptions | None = None,
     progress: ProgressSink | None = None,
     report: bool = False,
+    seg_nrrd: bool = False,
+    dicom_seg: bool = False,
 ) -> SegmentResult:
     """Read a CT (file or DICOM folder), segment it, and write the labels atomically; with ``report``,
-    also the measurements (JSON) and a QC montage (PNG) beside them (see ``report.py``)."""
+    also the measurements (JSON) and a QC montage (PNG) beside them (see ``report.py``); with ``seg_nrrd``
+    a Slicer ``NAME.seg.nrrd``, with ``dicom_seg`` (DICOM series input only) a DICOM SEG ``NAME.seg.dcm``
+    (see ``exports.py``)."""
     output_path = Path(output_path)
-    io.label_suffix(output_path)  # a bad output name fails before any work
+    suffix = io.label_suffix(output_path)  # a bad output name fails before any work
+    if dicom_seg and not Path(input_path).is_dir():
+        raise io.InputImageError(
+            f"{input_path}: --dicom-seg needs a DICOM series folder as input (the SEG references its images); "
+            "this is a file."
+        )
     io._check_output_folder(output_path.parent, output_path)  # so does a missing or read-only folder
     stages = _Stages(progress)
     stages.begin("read")
@@ -196,6 +205,20 @@ def predict_file(
             name, input_path, output_path, image, result.labels, model.metadata, result.volumes_ml, result.warnings
         )
         result.report_files = [str(json_path), str(png_path)]
+    name = output_path.name[: -len(suffix)]
+    if seg_nrrd:
+        from .exports import write_seg_nrrd
+
+        result.report_files.append(str(write_seg_nrrd(result.labels, output_path.with_name(f"{name}.seg.nrrd"))))
+    if dicom_seg:
+        from .exports import write_dicom_seg
+
+        meta = model.metadata
+        written, seg_warnings = write_dicom_seg(
+            result.labels, input_path, output_path.with_name(f"{name}.seg.dcm"), meta.name, meta.version
+        )
+        result.report_files.append(str(written))
+        result.warnings += seg_warnings
     stages.end()
     result.timings_s = dict(stages.timings)
     return result

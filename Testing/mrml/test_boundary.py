@@ -162,3 +162,34 @@ def test_logic_brings_back_what_the_command_wrote_on_the_cts_voxels(scene, headl
     assert expected.any() and (expected == 2).any()
     assert np.array_equal(logic.exportLabels(result.segmentation_node, volume), expected)
     assert result.status.device == "scripted"
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_a_seg_nrrd_written_by_the_command_opens_in_slicer_as_the_modules_segments(scene, headless, tmp_path, split):
+    """``predict --seg-nrrd`` files, read by Slicer's own segmentation reader: the names, colours and
+    terminology the module gives its segments, and the voxels on the CT's grid."""
+    pytest.importorskip("slicerio")
+    from KidneyTumorSegLib.exports import write_seg_nrrd
+
+    image = make_phantom(4, size=(24, 20, 10), spacing=(3.1, 2.3, 5.0), orientation="oblique", noise_hu=0).image
+    sitk.WriteImage(image, str(tmp_path / "ct.nrrd"))
+    volume = headless.volumes.AddArchetypeVolume(str(tmp_path / "ct.nrrd"), "ct", 0, None)
+    array = np.zeros(sitk.GetArrayViewFromImage(image).shape, np.uint8)
+    array[2:8, 5:12, 3:9] = 1
+    array[4:6, 7:10, 5:7] = 2
+    array[2:8, 5:12, 14:20] = 3 if split else 1
+    labels = sitk.GetImageFromArray(array)
+    labels.CopyInformation(image)
+    write_seg_nrrd(labels, tmp_path / "ct.seg.nrrd")
+    loaded = headless.segmentations.LoadSegmentationFromFile(str(tmp_path / "ct.seg.nrrd"), False)
+    assert loaded is not None
+    segmentation = loaded.GetSegmentation()
+    specs = mrml.segment_specs(split)
+    assert [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())] == [
+        s.name for s in specs
+    ]
+    for spec in specs:
+        segment = segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName(spec.name))
+        assert np.allclose(segment.GetColor(), spec.color, atol=1e-4)
+        assert segment.GetTerminology() == spec.terminology
+    assert np.array_equal(mrml.KidneyTumorSegLogic(scene).exportLabels(loaded, volume), array)
