@@ -265,7 +265,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace, ranks: _Ranks) -> int:
-    from .io import LABEL_SUFFIXES
+    from .io import ALLOW_LARGE_ENV, LABEL_SUFFIXES
+
+    if args.allow_large:
+        os.environ[ALLOW_LARGE_ENV] = "1"
     from .metrics import format_volumes
     from .pipeline import _validate_options, predict_file
 
@@ -574,6 +577,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--dicom-seg",
         action="store_true",
         help="also write NAME.seg.dcm: a DICOM Segmentation referencing the input DICOM series (DICOM input only)",
+    )
+    p.add_argument(
+        "--allow-large",
+        action="store_true",
+        help="read volumes whose header declares more voxels than the memory available (refused otherwise)",
     )
     p.add_argument(
         "--skip-existing",

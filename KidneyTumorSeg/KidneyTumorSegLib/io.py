@@ -14,6 +14,7 @@ import os
 import struct
 import tempfile
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -52,9 +53,79 @@ def _read_dicom_folder(folder: Path) -> sitk.Image:
             "own folder and give that folder."
         )
     files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0])
+    _check_slice_positions(folder, files)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     return reader.Execute()
+
+
+def _check_slice_positions(folder: Path, files: Sequence[str]) -> None:
+    """A series with a missing slice (a gap of more than 1.5 times the usual slice distance) would be
+    stacked as if it were whole, silently shifting everything beyond the gap: refuse it."""
+    if len(files) < 3:
+        return
+    positions = []
+    for name in files:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(name)
+        reader.ReadImageInformation()
+        if not reader.HasMetaDataKey("0020|0032"):
+            return  # no positions to compare (ITK then stacks the files by their order)
+        try:
+            positions.append([float(v) for v in reader.GetMetaData("0020|0032").split("\\")])
+        except ValueError:
+            return
+    points = np.array(positions)
+    steps = np.linalg.norm(np.diff(points, axis=0), axis=1)
+    usual = float(np.median(steps))
+    if usual > 0 and steps.max() > 1.5 * usual:
+        at = int(np.argmax(steps))
+        raise InputImageError(
+            f"{folder}: slices are {usual:.2f} mm apart but {steps[at]:.2f} mm between {Path(files[at]).name} and "
+            f"{Path(files[at + 1]).name}: a slice is missing. Export the whole series again."
+        )
+
+
+# Bytes the pipeline needs per input voxel at its peak (the voxels as read, the labels, and a float slab
+# budget): a volume whose declared size needs more than the memory available is refused before reading.
+BYTES_PER_VOXEL_AT_PEAK = 8
+ALLOW_LARGE_ENV = "KIDNEYTUMORSEG_ALLOW_LARGE"
+
+
+def available_memory_bytes() -> int | None:
+    """Memory available to a new allocation now (Linux: MemAvailable; elsewhere the physical memory)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _check_declared_size(path: Path, size: tuple[int, ...], components: int) -> None:
+    """Refuse, before any voxel is allocated, a volume whose header declares more voxels than this machine
+    can hold; ``--allow-large`` (or $KIDNEYTUMORSEG_ALLOW_LARGE=1) lets it through."""
+    if any(n <= 0 for n in size):
+        raise InputImageError(
+            f"{path}: declares a size of {tuple(size)} voxels, with an empty axis: there is nothing to segment. "
+            "Export the CT again."
+        )
+    if os.environ.get(ALLOW_LARGE_ENV) == "1":
+        return
+    voxels = int(np.prod([int(n) for n in size], dtype=np.float64)) * max(1, components)
+    need = voxels * BYTES_PER_VOXEL_AT_PEAK
+    available = available_memory_bytes()
+    if available is not None and need > available:
+        raise InputImageError(
+            f"{path}: declares {' x '.join(str(n) for n in size)} voxels, about {need / 2**30:.1f} GiB to segment, "
+            f"but {available / 2**30:.1f} GiB of memory is available; a corrupt header, or a volume too large "
+            "for this machine. Check the file, or pass --allow-large to try anyway."
+        )
 
 
 def read_image(path: str | os.PathLike) -> sitk.Image:
@@ -71,7 +142,11 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
                     f"{path}: unsupported file type; give a .nii, .nii.gz, .nrrd, .nhdr, .mha or .mhd file, or "
                     "a folder holding one DICOM series."
                 )
-            image = sitk.ReadImage(str(path))
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(path))
+            reader.ReadImageInformation()  # the header only: nothing allocated yet
+            _check_declared_size(path, reader.GetSize(), reader.GetNumberOfComponents())
+            image = reader.Execute()
     except RuntimeError as exc:  # SimpleITK reports every read failure as RuntimeError
         detail = str(exc).strip().splitlines()
         reason = next((line.strip() for line in reversed(detail) if line.strip()), "unknown error")
@@ -178,13 +253,19 @@ def check_volume(image: sitk.Image, path: str | os.PathLike) -> None:
         raise InputImageError(
             f"{path}: direction matrix is not orthonormal (sheared or scaled axes); the header is damaged."
         )
+    array = sitk.GetArrayViewFromImage(image)
     if image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
-        array = sitk.GetArrayViewFromImage(image)
         if not np.isfinite(array).all():
             bad = int(np.count_nonzero(~np.isfinite(array)))
             raise InputImageError(
                 f"{path}: holds {bad} NaN or infinite voxel value(s); a CT has none. Repair or re-export the image."
             )
+    first = array.flat[0]
+    if (array == first).all():
+        raise InputImageError(
+            f"{path}: every voxel has the same value ({first}); this is not a CT scan (a blank or failed export). "
+            "Give the CT itself."
+        )
 
 
 def intensity_warnings(image: sitk.Image, path: str | os.PathLike) -> list[str]:

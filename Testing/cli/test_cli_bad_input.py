@@ -166,8 +166,85 @@ def _with_value(value: float, name: str) -> Callable[[Path], Path]:
     return build
 
 
+def _mha_header(tmp: Path, name: str, fields: dict[str, str], data: bytes = b"") -> Path:
+    """A MetaImage header with its voxels in a separate raw file (what a header that lies looks like)."""
+    raw = tmp / f"{name}.raw"
+    raw.write_bytes(data)
+    header = {"ObjectType": "Image", "NDims": "3", "BinaryData": "True", "BinaryDataByteOrderMSB": "False"}
+    header.update({"ElementType": "MET_SHORT", **fields, "ElementDataFile": raw.name})
+    path = tmp / f"{name}.mhd"
+    path.write_text("".join(f"{k} = {v}\n" for k, v in header.items()))
+    return path
+
+
+def _declared_huge(tmp: Path) -> Path:
+    """A header declaring 100000 x 100000 x 5000 voxels over a 2 kB file: refused before any allocation."""
+    return _mha_header(tmp, "huge", {"DimSize": "100000 100000 5000", "ElementSpacing": "1 1 1"}, b"\0" * 2048)
+
+
+def _header_larger_than_data(tmp: Path) -> Path:
+    """The header promises 64 x 64 x 40 voxels; the data file holds a tenth of them."""
+    return _mha_header(tmp, "short", {"DimSize": "64 64 40", "ElementSpacing": "1 1 1"}, b"\0" * (64 * 64 * 8))
+
+
+def _zero_length_axis(tmp: Path) -> Path:
+    return _mha_header(tmp, "zero_axis", {"DimSize": "64 64 0", "ElementSpacing": "1 1 1"})
+
+
+def _constant_image(tmp: Path) -> Path:
+    return write(np.full((20, 48, 40), -1024, dtype=np.int16), tmp / "blank.nrrd")
+
+
+# A negative spacing in a MetaImage header is not in this list: ITK reads it as a positive spacing along a
+# flipped axis, the same geometry, so it is a valid input (a negative spacing cannot be written in NRRD, and
+# in NIfTI it is the ordinary qfac flip).
+
+
+def _zero_spacing(tmp: Path) -> Path:
+    return _mha_header(tmp, "zero_spacing", {"DimSize": "40 48 20", "ElementSpacing": "1 0 1"}, ct_array().tobytes())
+
+
+def _sheared_direction(tmp: Path) -> Path:
+    fields = {"DimSize": "40 48 20", "ElementSpacing": "1 1 1", "TransformMatrix": "1 0 0 0.5 1 0 0 0 1"}
+    return _mha_header(tmp, "sheared", fields, ct_array().tobytes())
+
+
+def _dicom_series(tmp: Path, name: str, drop: int | None = None, second_series: bool = False) -> Path:
+    """A CT written as DICOM slices (SimpleITK), optionally without one middle slice or with a second series."""
+    folder = tmp / name
+    folder.mkdir()
+    image = sitk.GetImageFromArray(ct_array())
+    image.SetSpacing((1.0, 1.0, 2.5))
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for series in range(2 if second_series else 1):
+        series_uid = f"1.2.826.0.1.3680043.8.498.{4242 + series}"
+        for k in range(image.GetDepth()):
+            if k == drop:
+                continue
+            piece = image[:, :, k]
+            position = image.TransformIndexToPhysicalPoint((0, 0, k))
+            for key, value in {
+                "0008|0060": "CT", "0020|000d": "1.2.826.0.1.3680043.8.498.4241", "0020|000e": series_uid,
+                "0020|0013": str(k + 1), "0020|0032": "\\".join(str(v) for v in position),
+                "0020|0037": "1\\0\\0\\0\\1\\0", "0008|0018": f"{series_uid}.{k + 1}",
+            }.items():  # fmt: skip
+                piece.SetMetaData(key, value)
+            writer.SetFileName(str(folder / f"s{series}_{k:03d}.dcm"))
+            writer.Execute(piece)
+    return folder
+
+
 BAD_IMAGES = {
     "missing_file": (_missing, ("no such file", "check the path")),
+    "declared_size_too_large": (_declared_huge, ("declares", "--allow-large")),
+    "header_larger_than_data": (_header_larger_than_data, ("cannot be read",)),
+    "zero_length_axis": (_zero_length_axis, ("empty axis", "export")),
+    "constant_image": (_constant_image, ("same value", "not a CT")),
+    "zero_spacing": (_zero_spacing, ("spacing",)),
+    "sheared_direction": (_sheared_direction, ("not orthonormal",)),
+    "dicom_missing_slice": (lambda tmp: _dicom_series(tmp, "gap", drop=10), ("a slice is missing",)),
+    "dicom_two_series": (lambda tmp: _dicom_series(tmp, "two", second_series=True), ("2 DICOM series",)),
     "unsupported_extension": (_text_file, ("unsupported file type", ".nii.gz")),
     "empty_file": (_empty_file, ("cannot be read",)),
     "truncated_nifti": (_truncated, ("truncated", "again")),
