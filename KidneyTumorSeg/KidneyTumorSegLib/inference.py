@@ -175,3 +175,41 @@ def segment_model_grid(
     crop = volume[box].contiguous()
     logits[(slice(None), *box)] = predict_logits(network, crop, settings, pad_value, progress)
     return logits
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA's out-of-memory error (and the CPU allocator's, which is a plain RuntimeError)."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def with_memory_fallback(run, settings: InferenceSettings, warn) -> torch.Tensor:
+    """``run(settings)``; on running out of memory, again with half the windows per batch, down to one,
+    then (from a GPU) on the CPU, each step with a warning through ``warn``. Out of memory with one
+    window on the CPU is a clear error."""
+    import dataclasses
+
+    while True:
+        try:
+            return run(settings)
+        except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
+            if not is_out_of_memory(exc):
+                raise
+            if settings.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if settings.batch_size > 1:
+                smaller = max(1, settings.batch_size // 2)
+                warn(
+                    f"out of memory on {settings.device.type} with {settings.batch_size} windows per batch; "
+                    f"retrying with {smaller}"
+                )
+                settings = dataclasses.replace(settings, batch_size=smaller)
+            elif settings.device.type != "cpu":
+                warn(f"out of memory on {settings.device} even with one window per batch; retrying on the CPU")
+                settings = dataclasses.replace(settings, device=torch.device("cpu"))
+            else:
+                raise KidneyTumorSegError(
+                    "out of memory on the CPU even with one window per batch; close other programs, or use a "
+                    "machine with more memory."
+                ) from None

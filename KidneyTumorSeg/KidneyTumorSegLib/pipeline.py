@@ -18,7 +18,7 @@ import SimpleITK as sitk
 import torch
 
 from . import io, laterality, metrics
-from .inference import InferenceSettings, resolve_device, segment_model_grid
+from .inference import InferenceSettings, resolve_device, segment_model_grid, with_memory_fallback
 from .modelfile import LoadedModel
 from .postprocessing import PostprocessSettings, postprocess
 from .preprocessing import image_to_model_input, labels_like, logits_to_input_labels, model_grid_for
@@ -135,8 +135,14 @@ def segment(
     body = (BODY_THRESHOLD_HU - norm.mean) / norm.std if options.crop_to_body else None
     if body is not None and BODY_THRESHOLD_HU <= norm.clip_low:
         body = norm.background_value + 1e-6  # the clip range starts above -500 HU: anything above air
-    logits = segment_model_grid(model.network, volume, settings, norm.background_value, body, stages.report)
-    del volume
+
+    def run(current: InferenceSettings, volume: torch.Tensor = volume) -> torch.Tensor:
+        if current.device != device:
+            model.network.to(current.device)
+        return segment_model_grid(model.network, volume, current, norm.background_value, body, stages.report)
+
+    logits = with_memory_fallback(run, settings, warnings.append)
+    del run, volume
     stages.end()
 
     stages.begin("to_input_grid")

@@ -103,3 +103,74 @@ def test_asking_for_cuda_without_a_gpu_says_which_torch_is_installed():
     with pytest.raises(KidneyTumorSegError, match=r"torch .* finds no usable GPU"):
         resolve_device("cuda")
     assert resolve_device("auto").type == "cpu"
+
+
+# ------------------------------------------------------------------------- out of memory, injected
+
+
+def test_out_of_memory_retries_with_fewer_windows_then_on_the_cpu_with_warnings():
+    import torch
+
+    from KidneyTumorSegLib.inference import InferenceSettings, with_memory_fallback
+
+    tried, warnings = [], []
+
+    def run(settings):
+        tried.append((settings.device.type, settings.batch_size))
+        if settings.device.type == "cuda":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return torch.zeros(1)
+
+    start = InferenceSettings(patch_size=(16, 32, 32), batch_size=4, device=torch.device("cuda"))
+    with_memory_fallback(run, start, warnings.append)
+    assert tried == [("cuda", 4), ("cuda", 2), ("cuda", 1), ("cpu", 1)]
+    assert len(warnings) == 3 and "retrying on the CPU" in warnings[-1]
+
+
+def test_out_of_memory_on_the_cpu_with_one_window_is_a_clear_error_and_other_errors_pass_through():
+
+    from KidneyTumorSegLib.errors import KidneyTumorSegError
+    from KidneyTumorSegLib.inference import InferenceSettings, with_memory_fallback
+
+    def oom(settings):
+        raise RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 1 GB; out of memory")
+
+    settings = InferenceSettings(patch_size=(16, 32, 32), batch_size=2)
+    warnings = []
+    with pytest.raises(KidneyTumorSegError, match="out of memory on the CPU even with one window"):
+        with_memory_fallback(oom, settings, warnings.append)
+    assert warnings == ["out of memory on cpu with 2 windows per batch; retrying with 1"]
+
+    def other(settings):
+        raise RuntimeError("shape mismatch")
+
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        with_memory_fallback(other, settings, warnings.append)
+
+
+def test_segment_survives_an_injected_out_of_memory_and_gives_the_same_labels(tiny_model, monkeypatch):
+    """The whole pipeline: the first forward pass with 2 windows fails as if memory ran out; the run
+    retries with 1 window per batch, warns, and the labels equal an undisturbed run's."""
+    import numpy as np
+    import SimpleITK as sitk
+    import torch
+
+    from KidneyTumorSegLib import pipeline
+    from KidneyTumorSegLib.phantom import make_phantom
+
+    image = make_phantom(2, size=(48, 40, 16), spacing=(6.0, 6.0, 10.0)).image
+    reference = pipeline.segment(image, tiny_model, pipeline.SegmentOptions(device="cpu", batch_size=1))
+    original = pipeline.segment_model_grid
+    calls = []
+
+    def flaky(network, volume, settings, *args):
+        calls.append(settings.batch_size)
+        if settings.batch_size > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        return original(network, volume, settings, *args)
+
+    monkeypatch.setattr(pipeline, "segment_model_grid", flaky)
+    result = pipeline.segment(image, tiny_model, pipeline.SegmentOptions(device="cpu", batch_size=2))
+    assert calls == [2, 1]
+    assert any("retrying with 1" in w for w in result.warnings)
+    assert np.array_equal(sitk.GetArrayViewFromImage(result.labels), sitk.GetArrayViewFromImage(reference.labels))
