@@ -124,7 +124,7 @@ def child_baseline(ct: str, out: str, model_path: str, device: str) -> dict:
     del back
     timings["to_input_grid"], t = time.perf_counter() - t, time.perf_counter()
 
-    postprocess(labels, PostprocessSettings())
+    postprocess(labels, PostprocessSettings(), float(np.prod(image.GetSpacing())) / 1000.0)
     label_image = labels_like(labels, image)
     timings["postprocess"], t = time.perf_counter() - t, time.perf_counter()
 

@@ -4,4 +4,4 @@ Segments the kidneys and kidney tumors in a CT volume with a 3D DeepLab v3+. For
 not for clinical diagnosis.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -114,7 +114,17 @@ class ProgressPrinter:
 
     def emit(self, record: dict) -> None:
         if self.mode == "json":
-            print(json.dumps(record), flush=True)
+            _write_line(json.dumps(record))
+
+
+def _write_line(text: str) -> None:
+    """One line on stdout in a single write: processes sharing the stream (torchrun's ranks) never
+    interleave inside a line."""
+    sys.stdout.flush()
+    try:
+        os.write(sys.stdout.fileno(), (text + "\n").encode("utf-8"))
+    except (AttributeError, OSError, ValueError):  # a stream without a file descriptor (tests capturing it)
+        print(text, flush=True)
 
 
 def _error(message: str) -> None:

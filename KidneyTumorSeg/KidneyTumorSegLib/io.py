@@ -260,6 +260,12 @@ def check_volume(image: sitk.Image, path: str | os.PathLike) -> None:
             raise InputImageError(
                 f"{path}: holds {bad} NaN or infinite voxel value(s); a CT has none. Repair or re-export the image."
             )
+
+
+def check_not_constant(image: sitk.Image, path: str | os.PathLike) -> None:
+    """A CT to segment whose voxels all hold one value is a blank or failed export, not a scan (label maps
+    may well be constant: this check is for CT input only)."""
+    array = sitk.GetArrayViewFromImage(image)
     first = array.flat[0]
     if (array == first).all():
         raise InputImageError(

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import SimpleITK as sitk
 import torch
 
@@ -151,7 +152,8 @@ def segment(
     stages.end()
 
     stages.begin("postprocess")
-    report = postprocess(labels, PostprocessSettings(enabled=options.postprocess))
+    voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
+    report = postprocess(labels, PostprocessSettings(enabled=options.postprocess), voxel_ml)
     notes = list(report.notes)
     if options.split_kidneys:
         sides = laterality.split_kidneys(labels, image, sitk.GetArrayViewFromImage(image))
@@ -198,6 +200,7 @@ def predict_file(
     stages = _Stages(progress)
     stages.begin("read")
     image = io.read_image(input_path)
+    io.check_not_constant(image, input_path)
     stages.end()
     result = segment(image, model, options, _stages=stages)
     result.warnings = [w.replace("input image", str(input_path), 1) for w in result.warnings]

@@ -17,7 +17,11 @@ from KidneyTumorSegLib.phantom import make_phantom
 
 def kts(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "KidneyTumorSegLib", *args], capture_output=True, text=True, check=False, timeout=600
+        [sys.executable, "-m", "KidneyTumorSegLib", *args],
+        capture_output=True,
+        encoding="utf-8",
+        check=False,
+        timeout=600,
     )
 
 
