@@ -205,6 +205,7 @@ def _segment_options(args: argparse.Namespace):
         postprocess=not args.no_postprocess,
         crop_to_body=not args.no_crop,
         split_kidneys=args.split_kidneys,
+        mixed_precision=not args.full_precision,
     )
 
 
@@ -566,6 +567,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=2, help="windows per forward pass (default 2)")
     p.add_argument("--no-postprocess", action="store_true", help="keep every component the network found")
     p.add_argument("--no-crop", action="store_true", help="run the network on the whole volume, not only the body")
+    p.add_argument(
+        "--full-precision",
+        action="store_true",
+        help="run the network in float32 only (default: float16 on CUDA, bfloat16 on CPUs with native bf16)",
+    )
     p.add_argument(
         "--split-kidneys",
         action="store_true",

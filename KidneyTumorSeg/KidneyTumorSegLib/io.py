@@ -15,6 +15,7 @@ import struct
 import tempfile
 import zlib
 from collections.abc import Sequence
+from glob import escape as glob_escape
 from pathlib import Path
 
 import numpy as np
@@ -322,6 +323,9 @@ def write_image_atomic(image: sitk.Image, path: str | os.PathLike, compress: boo
     suffix = image_suffix(path) or path.suffix
     folder = path.parent if str(path.parent) else Path(".")
     _check_output_folder(folder, path)
+    for stale in folder.glob(f".{glob_escape(path.name)}.*.partial*"):  # left by a run killed while writing
+        with contextlib.suppress(OSError):
+            stale.unlink()
     temporary = None
     try:
         fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".partial{suffix}", dir=folder)

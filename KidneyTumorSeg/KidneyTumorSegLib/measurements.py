@@ -40,6 +40,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .laterality import LEFT_KIDNEY, RIGHT_KIDNEY, TUMOR, index_to_lps_matrix, split_kidneys
+from .metrics import label_counts
 
 EXOPHYTIC_NONE = 0.01  # below this share outside, the tumor counts as entirely endophytic
 AP_MARGIN_MM = 5.0
@@ -171,7 +172,7 @@ def measure(
         warnings += sides.warnings
     else:
         method = "given"
-    counts = np.bincount(split.ravel(), minlength=4)
+    counts = label_counts(split, 4)
     kidney_ml = {"right": counts[RIGHT_KIDNEY] * geometry.voxel_ml, "left": counts[LEFT_KIDNEY] * geometry.voxel_ml}
 
     components = sitk.GetArrayFromImage(

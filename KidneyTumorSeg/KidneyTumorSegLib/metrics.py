@@ -51,6 +51,19 @@ def kits19_dice(prediction: np.ndarray, reference: np.ndarray) -> dict:
     return result
 
 
+def label_counts(labels: np.ndarray, minlength: int, chunk: int = 1 << 24) -> np.ndarray:
+    """``np.bincount(labels.ravel(), minlength)`` in chunks: bincount turns its input into 8-byte integers,
+    which for a whole CT's label map would be a gigabyte or more."""
+    flat = labels.reshape(-1)
+    counts = np.zeros(minlength, dtype=np.int64)
+    for start in range(0, flat.size, chunk):
+        part = np.bincount(flat[start : start + chunk], minlength=minlength)
+        if part.size > counts.size:
+            part, counts = part, np.pad(counts, (0, part.size - counts.size))
+        counts[: part.size] += part
+    return counts
+
+
 SPLIT_LABEL_NAMES = {1: "kidney_right", 2: "tumor", 3: "kidney_left"}
 
 
@@ -58,7 +71,7 @@ def label_volumes_ml(labels: np.ndarray, spacing: tuple[float, float, float]) ->
     """Volume in mL of each named label (kidney: label 1 only, tumor: label 2); spacing in mm, any order.
     Labels split by side (any voxel of value 3) give ``kidney_right``, ``tumor`` and ``kidney_left``."""
     voxel_ml = float(np.prod(spacing)) / 1000.0
-    counts = np.bincount(labels.ravel(), minlength=4)
+    counts = label_counts(labels, 4)
     names = SPLIT_LABEL_NAMES if counts[3] else LABEL_NAMES
     return {name: float(counts[value]) * voxel_ml for value, name in names.items()}
 

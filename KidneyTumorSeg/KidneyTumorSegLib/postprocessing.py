@@ -67,21 +67,30 @@ def postprocess(
     if box is None:
         return report
     crop = labels[box]
-    components = sitk.GetArrayFromImage(
-        sitk.ConnectedComponent(sitk.GetImageFromArray((crop > 0).astype(np.uint8)), True)
-    )
-    sizes = np.bincount(components.ravel())
-    sizes[0] = 0
-    has_kidney = np.bincount(components.ravel(), weights=(crop == KIDNEY).ravel(), minlength=sizes.size) > 0
-    report.components_found = int(np.count_nonzero(sizes))
-    largest = sizes[has_kidney].max() if has_kidney.any() else 0
-    keep = (sizes >= settings.min_component_fraction * largest) & has_kidney
-    keep[0] = True
-    drop = ~keep[components]
-    removed = int(np.count_nonzero(drop))
-    if removed:
-        crop[drop] = 0
-        report.components_removed = int(np.count_nonzero(~keep[1:] & (sizes[1:] > 0)))
+    # Components, their sizes and whether they hold kidney are computed by ITK on its own images, and only
+    # a uint8 keep-mask comes back to numpy: no per-voxel int64 or float64 arrays (a CT's foreground box
+    # can hold 10^8 voxels).
+    components = sitk.ConnectedComponent(sitk.GetImageFromArray((crop > 0).view(np.uint8)), True)
+    shape = sitk.LabelShapeStatisticsImageFilter()
+    shape.Execute(components)
+    found = list(shape.GetLabels())
+    report.components_found = len(found)
+    stats = sitk.LabelStatisticsImageFilter()
+    stats.Execute(sitk.GetImageFromArray((crop == KIDNEY).view(np.uint8)), components)
+    sizes = {label: shape.GetNumberOfPixels(label) for label in found}
+    has_kidney = {label: stats.GetMaximum(label) > 0 for label in found}
+    largest = max((n for label, n in sizes.items() if has_kidney[label]), default=0)
+    dropped = [
+        label for label in found if not has_kidney[label] or sizes[label] < settings.min_component_fraction * largest
+    ]
+    if dropped:
+        lut = np.zeros(max(found) + 1, dtype=bool)
+        lut[dropped] = True
+        removed_mask = lut[sitk.GetArrayViewFromImage(components)]  # a view: the image is alive here
+        del components
+        removed = int(np.count_nonzero(removed_mask))
+        crop[removed_mask] = 0
+        report.components_removed = len(dropped)
         report.voxels_removed = removed
         report.notes.append(
             f"removed {report.components_removed} of {report.components_found} kidney/tumor components "
@@ -96,15 +105,18 @@ def _relabel_tumor_specks(crop: np.ndarray, min_voxels: float, report: Postproce
     tumor = crop == TUMOR
     if not tumor.any():
         return
-    components = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(tumor.astype(np.uint8)), True))
-    sizes = np.bincount(components.ravel())
-    small = sizes < min_voxels
-    small[0] = False
-    if small.any():
-        specks = small[components]
+    components = sitk.ConnectedComponent(sitk.GetImageFromArray(tumor.view(np.uint8)), True)
+    del tumor
+    shape = sitk.LabelShapeStatisticsImageFilter()
+    shape.Execute(components)
+    small = {label for label in shape.GetLabels() if shape.GetNumberOfPixels(label) < min_voxels}
+    if small:
+        lut = np.zeros(max(shape.GetLabels()) + 1, dtype=bool)
+        lut[sorted(small)] = True
+        specks = lut[sitk.GetArrayViewFromImage(components)]  # a view: the image is alive here
+        del components
         crop[specks] = KIDNEY
-        count = int(np.count_nonzero(small))
         report.notes.append(
-            f"{count} tumor component(s) under {min_voxels:.0f} voxels ({int(np.count_nonzero(specks))} voxels) "
-            "relabelled kidney: too small to be a tumor"
+            f"{len(small)} tumor component(s) under {min_voxels:.0f} voxels ({int(np.count_nonzero(specks))} "
+            "voxels) relabelled kidney: too small to be a tumor"
         )
