@@ -134,30 +134,39 @@ def child_baseline(ct: str, out: str, model_path: str, device: str) -> dict:
 
 
 def child_conv(device: str) -> dict:
-    """The machine's float32 conv3d throughput: the best of a few large 3x3x3 convolutions."""
+    """The machine's conv3d throughput: the best of a few large 3x3x3 convolutions, in float32 and in the
+    mixed precision the pipeline uses on this device (bfloat16 on a CPU with native bf16, float16 on
+    CUDA), so that each variant's network is measured against the precision it runs in."""
     import torch
 
-    from KidneyTumorSegLib.inference import resolve_device
+    from KidneyTumorSegLib.inference import autocast_dtype, resolve_device
 
     dev = resolve_device(device)
-    best = 0.0
     shapes = ((2, 32, 40, 80, 80), (2, 64, 20, 40, 40), (2, 128, 10, 20, 20))
-    with torch.inference_mode():
-        for batch, channels, z, y, x in shapes:
-            conv = torch.nn.Conv3d(channels, channels, 3, padding=1, bias=False).to(dev)
-            inp = torch.randn(batch, channels, z, y, x, device=dev)
-            flops = 2 * channels * channels * 27 * batch * z * y * x
-            times = []
-            for _ in range(6):
-                if dev.type == "cuda":
-                    torch.cuda.synchronize()
-                t = time.perf_counter()
-                conv(inp)
-                if dev.type == "cuda":
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - t)
-            best = max(best, flops / statistics.median(times[1:]) / 1e9)
-    return {"conv_gflops": best, "threads": torch.get_num_threads()}
+    amp = autocast_dtype(dev)
+    result = {"threads": torch.get_num_threads(), "amp_dtype": str(amp).replace("torch.", "") if amp else None}
+    for key, dtype in (("conv_gflops", None), ("conv_gflops_amp", amp)):
+        if key == "conv_gflops_amp" and amp is None:
+            result[key] = result["conv_gflops"]
+            continue
+        best = 0.0
+        with torch.inference_mode(), torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            for batch, channels, z, y, x in shapes:
+                conv = torch.nn.Conv3d(channels, channels, 3, padding=1, bias=False).to(dev)
+                inp = torch.randn(batch, channels, z, y, x, device=dev)
+                flops = 2 * channels * channels * 27 * batch * z * y * x
+                times = []
+                for _ in range(6):
+                    if dev.type == "cuda":
+                        torch.cuda.synchronize()
+                    t = time.perf_counter()
+                    conv(inp)
+                    if dev.type == "cuda":
+                        torch.cuda.synchronize()
+                    times.append(time.perf_counter() - t)
+                best = max(best, flops / statistics.median(times[1:]) / 1e9)
+        result[key] = best
+    return result
 
 
 def child_main(kind: str, argv: list[str]) -> None:
@@ -282,7 +291,11 @@ def main() -> None:
         loaded = load_model(model)
         gflops_per_window = gflops_per_patch(loaded.network, loaded.metadata.patch_size_zyx)
         conv = run_child("conv", args.device)
-        print(f"conv3d throughput: {conv['conv_gflops']:.1f} GFLOP/s ({conv['threads']} threads)", file=sys.stderr)
+        print(
+            f"conv3d throughput: {conv['conv_gflops']:.1f} GFLOP/s float32, {conv['conv_gflops_amp']:.1f} GFLOP/s "
+            f"{conv['amp_dtype'] or 'float32'} ({conv['threads']} threads)",
+            file=sys.stderr,
+        )
         agreement_model = str(resolve_model(args.agreement_model))
         results = [
             bench_input(size, spacing, model, agreement_model, args.device, runs, tmp, gflops_per_window)
@@ -293,7 +306,9 @@ def main() -> None:
         f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
         f"device {results[0]['ours']['device']}; kits19 architecture ({gflops_per_window:.1f} GFLOP per "
         f"{'x'.join(map(str, loaded.metadata.patch_size_zyx))} window); median of {runs} run(s) per variant; "
-        f"conv3d throughput {conv['conv_gflops']:.1f} GFLOP/s"
+        f"conv3d throughput {conv['conv_gflops']:.1f} GFLOP/s float32, {conv['conv_gflops_amp']:.1f} GFLOP/s "
+        f"{conv['amp_dtype'] or 'float32'}; ours runs the network in {conv['amp_dtype'] or 'float32'}, the "
+        "baseline in float32"
     )
     print(
         "| input | variant | total s | read | resample | network | back to input grid | postprocess | write "
@@ -305,7 +320,8 @@ def main() -> None:
         for kind in ("ours", "baseline"):
             v = r[kind]
             s = v["stages_s"]
-            share = 100 * v["network_gflops_per_s"] / conv["conv_gflops"]
+            reference = conv["conv_gflops_amp"] if kind == "ours" else conv["conv_gflops"]
+            share = 100 * v["network_gflops_per_s"] / reference
             print(
                 f"| {name} | {kind} | {v['total_s']:.2f} | {s['read']:.2f} | {s['preprocess']:.2f} | "
                 f"{s['network']:.2f} | {s['to_input_grid']:.2f} | {s['postprocess']:.2f} | {s['write']:.2f} | "
@@ -332,8 +348,11 @@ def main() -> None:
         "ours_peak_mb": first["ours"]["peak_rss_mb"],
         "baseline_peak_mb": first["baseline"]["peak_rss_mb"],
         "label_agreement": round(first["label_agreement"], 6),
-        "conv_efficiency": round(first["ours"]["network_gflops_per_s"] / conv["conv_gflops"], 3),
+        "conv_efficiency": round(first["ours"]["network_gflops_per_s"] / conv["conv_gflops_amp"], 3),
+        "baseline_conv_efficiency": round(first["baseline"]["network_gflops_per_s"] / conv["conv_gflops"], 3),
         "conv_gflops": round(conv["conv_gflops"], 1),
+        "conv_gflops_amp": round(conv["conv_gflops_amp"], 1),
+        "amp_dtype": conv["amp_dtype"],
         "cpu_cores": os.cpu_count(),
         "runs": runs,
         "inputs": results,

@@ -141,6 +141,8 @@ def predict_logits(
     logit_sum = torch.zeros((num_classes, *padded_shape), dtype=torch.float32, device=device)
     weight_sum = torch.zeros(padded_shape, dtype=torch.float32, device=device)
     volume_on_device = volume.to(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed window shape: let cuDNN pick its fastest kernels once
     amp_dtype = autocast_dtype(device) if settings.mixed_precision else None
     use_amp = amp_dtype is not None
     network = network.to(device).eval()

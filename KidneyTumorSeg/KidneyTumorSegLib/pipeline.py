@@ -26,7 +26,7 @@ from .preprocessing import image_to_model_input, labels_like, logits_to_input_la
 
 log = logging.getLogger(__name__)
 
-# Rough share of a case's run time per stage on a CPU (bench/predict_time.py: the network about half,
+# Rough share of a case's run time per stage on a CPU (bench/inference.py: the network about half,
 # going back to the input grid a quarter with random weights, less with a trained model's small foreground),
 # so that the overall fraction and the time remaining move evenly.
 STAGE_WEIGHTS = {
