@@ -171,7 +171,7 @@ def measure(
         notes += sides.notes
         warnings += sides.warnings
     else:
-        method = "given"
+        method = "the labels' own left/right values"
     counts = label_counts(split, 4)
     kidney_ml = {"right": counts[RIGHT_KIDNEY] * geometry.voxel_ml, "left": counts[LEFT_KIDNEY] * geometry.voxel_ml}
 
