@@ -39,9 +39,9 @@ def small_ct(path: Path, seed: int = 0) -> Path:
 
 @pytest.mark.parametrize("stage", ["network", "write"])
 def test_sigkill_during_predict_leaves_no_output_that_looks_complete(tmp_path, tiny_model_path, stage):
-    """Killed outright while the network runs or while the labels are being written: the output name
-    does not exist (only a temporary ``.NAME.*.partial*`` file may), and the next run writes it whole
-    and removes the stale temporary file."""
+    """Killed outright while the network runs, or as the write stage begins (the labels exist in memory,
+    the file is about to be written): the output name does not exist (only a temporary
+    ``.NAME.*.partial*`` file may), and the next run writes it whole and removes any stale temporary file."""
     ct = tmp_path / "ct.nii.gz"
     sitk.WriteImage(make_phantom(1, size=(160, 140, 60), spacing=(2.5, 2.5, 5.0)).image, str(ct))
     out = tmp_path / "out" / "labels.nii.gz"
