@@ -337,3 +337,48 @@ def test_splits_round_trip_and_unknown_name_refused(tmp_path: Path) -> None:
     path.write_text(json.dumps({"fold0": {"train": ["a"]}}))
     with pytest.raises(ConfigError, match="'train' and 'val'"):
         load_splits(path)
+
+
+def test_sigkill_during_prepare_then_rerun_gives_the_cache_of_an_uninterrupted_run(tmp_path: Path) -> None:
+    """``prepare`` killed outright (SIGKILL) after a few cases; the rerun finishes, and every cached array
+    and case record equals those of a run that was never interrupted."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from kidneytumorseg_train.datasets import write_phantom_dataset
+
+    data = tmp_path / "data"
+    write_phantom_dataset(data, 10, seed=3, layout="kits19", spacing_scale=1)
+    recipe = Path(__file__).resolve().parents[2] / "train" / "configs" / "phantom.json"
+
+    def prepare(work: Path) -> subprocess.Popen:
+        command = [sys.executable, "-m", "kidneytumorseg_train", "prepare", "--data", str(data)]
+        command += ["--recipe", str(recipe), "--work", str(work), "--quiet", "--workers", "1"]
+        return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    killed = prepare(tmp_path / "killed")
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and killed.poll() is None:
+        cache = tmp_path / "killed" / "cache"
+        if cache.is_dir() and len([p for p in cache.iterdir() if (p / "case.json").is_file()]) >= 3:
+            killed.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    killed.wait(timeout=60)
+    assert killed.returncode == -signal.SIGKILL, "prepare finished before it could be killed"
+    done_before = len(cached_case_ids(tmp_path / "killed" / "cache"))
+    assert 3 <= done_before < 10
+    for work in (tmp_path / "killed", tmp_path / "clean"):
+        proc = prepare(work)
+        assert proc.wait(timeout=600) == 0, proc.stderr.read()
+    ids = cached_case_ids(tmp_path / "clean" / "cache")
+    assert cached_case_ids(tmp_path / "killed" / "cache") == ids and len(ids) == 10
+    for case_id in ids:
+        a, b = tmp_path / "killed" / "cache" / case_id, tmp_path / "clean" / "cache" / case_id
+        for name in ("image.npy", "labels.npy"):
+            assert np.array_equal(np.load(a / name), np.load(b / name)), f"{case_id}/{name} differs"
+        assert json.loads((a / "case.json").read_text()) == json.loads((b / "case.json").read_text())
+    leftovers = [p.name for p in (tmp_path / "killed" / "cache").iterdir() if p.name.startswith(".partial")]
+    assert leftovers == []
