@@ -137,7 +137,10 @@ def segment(
     if body is not None and BODY_THRESHOLD_HU <= norm.clip_low:
         body = norm.background_value + 1e-6  # the clip range starts above -500 HU: anything above air
 
+    used = [device]  # the device the network finally ran on (the CPU after an out-of-memory fallback)
+
     def run(current: InferenceSettings, volume: torch.Tensor = volume) -> torch.Tensor:
+        used[0] = current.device
         if current.device != device:
             model.network.to(current.device)
         return segment_model_grid(model.network, volume, current, norm.background_value, body, stages.report)
@@ -171,7 +174,7 @@ def segment(
         timings_s=dict(stages.timings),
         warnings=warnings,
         notes=notes,
-        device=str(device),
+        device=str(used[0]),
     )
 
 

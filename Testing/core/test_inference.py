@@ -198,3 +198,26 @@ def test_bf16_on_a_cpu_with_native_bf16_gives_the_fp32_labels_to_within_0_1_perc
             labels[mixed] = sitk.GetArrayFromImage(result.labels)
         assert np.count_nonzero(labels[True]) > 0
         assert np.mean(labels[True] == labels[False]) >= 0.999
+
+
+def test_the_result_names_the_device_the_network_finally_ran_on(tiny_model, monkeypatch):
+    """After a fallback from a (simulated) GPU to the CPU, the result says cpu, not the device asked for."""
+    import torch
+
+    from KidneyTumorSegLib import pipeline
+    from KidneyTumorSegLib.phantom import make_phantom
+
+    image = make_phantom(2, size=(48, 40, 16), spacing=(6.0, 6.0, 10.0)).image
+    original = pipeline.segment_model_grid
+
+    def gpu_out_of_memory(network, volume, settings, *args):
+        if settings.device.type == "cuda":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        return original(network, volume, settings, *args)
+
+    monkeypatch.setattr(pipeline, "segment_model_grid", gpu_out_of_memory)
+    monkeypatch.setattr(pipeline, "resolve_device", lambda requested: torch.device("cuda"))
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: self)  # no CUDA here: moving is a no-op
+    result = pipeline.segment(image, tiny_model, pipeline.SegmentOptions(device="cuda", batch_size=1))
+    assert result.device == "cpu"
+    assert any("retrying on the CPU" in w for w in result.warnings)
