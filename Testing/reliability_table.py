@@ -83,6 +83,7 @@ CATEGORIES = [
                 "cancel",
                 "batch_of_30",
                 "failing_command",
+                "failing_extra",
                 "non_ascii",
                 "resume",
             )

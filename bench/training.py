@@ -43,13 +43,11 @@ def measure(recipe_path: Path, work: Path, device_name: str, steps: int, loader_
     import torch
     from torch.utils.data import DataLoader
 
-    from kidneytumorseg_train.augment import augment_batch
     from kidneytumorseg_train.cache import cached_case_ids
     from kidneytumorseg_train.cli import _effective_plan
     from kidneytumorseg_train.config import load_recipe
-    from kidneytumorseg_train.loss import dice_ce_loss
     from kidneytumorseg_train.sampling import PatchDataset, StepSampler
-    from kidneytumorseg_train.trainer import make_optimizer
+    from kidneytumorseg_train.trainer import make_optimizer, train_step
     from KidneyTumorSegLib.inference import resolve_device
     from KidneyTumorSegLib.model import DeepLabV3Plus3D
 
@@ -89,19 +87,7 @@ def measure(recipe_path: Path, work: Path, device_name: str, steps: int, loader_
     times = []
     for images, labels, indices in batches:
         began = time.perf_counter()
-        images, labels = images.to(device), labels.to(device)
-        images, labels = augment_batch(images, labels, [int(i) for i in indices], recipe.augmentation)
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-            logits = network(images)
-        loss = dice_ce_loss(logits, labels)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(network.parameters(), t.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        train_step(network, optimizer, scaler, images, labels, indices, recipe, device)
         times.append(time.perf_counter() - began)
     step_s = statistics.median(times[1:])
     consumed = t.batch_size / step_s

@@ -22,7 +22,7 @@ import SimpleITK as sitk
 
 from .errors import InputImageError, KidneyTumorSegError
 from .io import publish
-from .segments import SegmentSpec, segment_specs
+from .segments import segment_specs
 
 MANUFACTURER = "KidneyTumorSeg"
 
@@ -119,17 +119,6 @@ def _code(hd, code: tuple[str, str, str]):
     return hd.sr.CodedConcept(value=value, scheme_designator=scheme, meaning=meaning)
 
 
-def _codes_of(spec: SegmentSpec) -> dict[str, tuple[str, str, str] | None]:
-    """Category, type, type modifier and anatomic region of a segment, from its terminology string."""
-    parts = spec.terminology.split("~")
-
-    def code(text: str) -> tuple[str, str, str] | None:
-        fields = text.split("^")
-        return (fields[0], fields[1], fields[2]) if len(fields) == 3 and fields[1] else None
-
-    return {"category": code(parts[1]), "type": code(parts[2]), "modifier": code(parts[3]), "region": code(parts[5])}
-
-
 def write_dicom_seg(
     labels: sitk.Image,
     series_folder: str | os.PathLike,
@@ -162,22 +151,18 @@ def write_dicom_seg(
     )
     descriptions = []
     for number, spec in enumerate(specs, start=1):
-        codes = _codes_of(spec)
         description = hd.seg.SegmentDescription(
             segment_number=number,
             segment_label=spec.name,
-            segmented_property_category=_code(hd, codes["category"]),
-            segmented_property_type=_code(hd, codes["type"]),
+            segmented_property_category=_code(hd, spec.category),
+            segmented_property_type=_code(hd, spec.type),
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm,
-            anatomic_regions=[_code(hd, codes["region"])] if codes["region"] else None,
+            anatomic_regions=[_code(hd, spec.region)] if spec.region[1] else None,
         )
-        if codes["modifier"]:
+        if spec.modifier[1]:
             item = pydicom.Dataset()
-            item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = (
-                codes["modifier"][1],
-                *codes["modifier"][::2],
-            )
+            item.CodingSchemeDesignator, item.CodeValue, item.CodeMeaning = spec.modifier
             description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [item]
         description.RecommendedDisplayCIELabValue = _rgb_to_dicom_lab(spec.color)
         descriptions.append(description)

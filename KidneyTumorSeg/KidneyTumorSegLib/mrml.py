@@ -484,13 +484,7 @@ class KidneyTumorSegLogic:
         """A table of the segments' volumes in mL (``segmentVolumes`` unless given); the segmentation's
         own table is reused on a rerun."""
         volumes = self.segmentVolumes(segmentation_node) if volumes is None else volumes
-        table = segmentation_node.GetNodeReference(VOLUMES_TABLE_ROLE)
-        if table is None:
-            table = slicer.vtkMRMLTableNode()
-            table.SetName(self.scene.GenerateUniqueName(f"{segmentation_node.GetName()} volumes"))
-            table = self.scene.AddNode(table)
-            segmentation_node.SetNodeReferenceID(VOLUMES_TABLE_ROLE, table.GetID())
-            self._place_beside(table, segmentation_node)
+        table = self._table_of(segmentation_node, VOLUMES_TABLE_ROLE, "volumes")
         was_modified = table.StartModify()
         table.RemoveAllColumns()
         names = vtk.vtkStringArray()
@@ -512,13 +506,7 @@ class KidneyTumorSegLogic:
     ) -> slicer.vtkMRMLTableNode:
         """One row per tumor (largest first) with the report's measurements: side, volume, diameters,
         tumor-to-kidney ratio and the R.E.N.A.L. parts (N not computed); reused on a rerun."""
-        table = segmentation_node.GetNodeReference(MEASUREMENTS_TABLE_ROLE)
-        if table is None:
-            table = slicer.vtkMRMLTableNode()
-            table.SetName(self.scene.GenerateUniqueName(f"{segmentation_node.GetName()} measurements"))
-            table = self.scene.AddNode(table)
-            segmentation_node.SetNodeReferenceID(MEASUREMENTS_TABLE_ROLE, table.GetID())
-            self._place_beside(table, segmentation_node)
+        table = self._table_of(segmentation_node, MEASUREMENTS_TABLE_ROLE, "measurements")
         was_modified = table.StartModify()
         table.RemoveAllColumns()
         columns = [
@@ -556,6 +544,20 @@ class KidneyTumorSegLogic:
         return table
 
     # -------------------------------------------------------------------------------------- internals
+
+    def _table_of(
+        self, segmentation_node: slicer.vtkMRMLSegmentationNode, role: str, suffix: str
+    ) -> slicer.vtkMRMLTableNode:
+        """The segmentation's table for ``role``, made (named "SEGMENTATION suffix", beside it in the subject
+        hierarchy) on first use and reused on a rerun."""
+        table = segmentation_node.GetNodeReference(role)
+        if table is None:
+            table = slicer.vtkMRMLTableNode()
+            table.SetName(self.scene.GenerateUniqueName(f"{segmentation_node.GetName()} {suffix}"))
+            table = self.scene.AddNode(table)
+            segmentation_node.SetNodeReferenceID(role, table.GetID())
+            self._place_beside(table, segmentation_node)
+        return table
 
     def _node_ids(self, class_name: str) -> set[str]:
         return {

@@ -19,6 +19,7 @@ import SimpleITK as sitk
 import torch
 
 from . import io, laterality, metrics
+from .errors import KidneyTumorSegError, OutputError
 from .inference import InferenceSettings, resolve_device, segment_model_grid, with_memory_fallback
 from .modelfile import LoadedModel
 from .postprocessing import PostprocessSettings, postprocess
@@ -94,8 +95,6 @@ class _Stages:
 
 
 def _validate_options(options: SegmentOptions) -> None:
-    from .errors import KidneyTumorSegError
-
     if not 0.0 <= options.overlap < 1.0:
         raise KidneyTumorSegError(f"--overlap {options.overlap} must be at least 0 and below 1 (0.5 is usual).")
     if options.batch_size < 1:
@@ -178,6 +177,41 @@ def segment(
     )
 
 
+def _write_extras(
+    result: SegmentResult,
+    input_path: str | os.PathLike,
+    output_path: Path,
+    image: sitk.Image,
+    model: LoadedModel,
+    report: bool,
+    seg_nrrd: bool,
+    dicom_seg: bool,
+    written: list[Path],
+) -> None:
+    """The files asked for beside the labels; each one's path goes into ``written`` as soon as it exists."""
+    name = output_path.name[: -len(io.label_suffix(output_path))]
+    if report:
+        from .report import report_paths, write_case_report
+
+        written += report_paths(output_path)  # listed first: a failure half-way removes what exists
+        _, _, result.measurements = write_case_report(
+            name, input_path, output_path, image, result.labels, model.metadata, result.volumes_ml, result.warnings
+        )
+    if seg_nrrd:
+        from .exports import write_seg_nrrd
+
+        written.append(output_path.with_name(f"{name}.seg.nrrd"))
+        write_seg_nrrd(result.labels, written[-1])
+    if dicom_seg:
+        from .exports import write_dicom_seg
+
+        written.append(output_path.with_name(f"{name}.seg.dcm"))
+        _, seg_warnings = write_dicom_seg(
+            result.labels, input_path, written[-1], model.metadata.name, model.metadata.version
+        )
+        result.warnings += seg_warnings
+
+
 def predict_file(
     input_path: str | os.PathLike,
     output_path: str | os.PathLike,
@@ -193,7 +227,7 @@ def predict_file(
     a Slicer ``NAME.seg.nrrd``, with ``dicom_seg`` (DICOM series input only) a DICOM SEG ``NAME.seg.dcm``
     (see ``exports.py``)."""
     output_path = Path(output_path)
-    suffix = io.label_suffix(output_path)  # a bad output name fails before any work
+    io.label_suffix(output_path)  # a bad output name fails before any work
     if dicom_seg and not Path(input_path).is_dir():
         raise io.InputImageError(
             f"{input_path}: --dicom-seg needs a DICOM series folder as input (the SEG references its images); "
@@ -208,29 +242,22 @@ def predict_file(
     result = segment(image, model, options, _stages=stages)
     result.warnings = [w.replace("input image", str(input_path), 1) for w in result.warnings]
     stages.begin("write")
-    io.write_labels(result.labels, output_path)
-    if report:
-        from .report import write_case_report
-
-        name = output_path.name[: -len(io.label_suffix(output_path))]
-        json_path, png_path, result.measurements = write_case_report(
-            name, input_path, output_path, image, result.labels, model.metadata, result.volumes_ml, result.warnings
-        )
-        result.report_files = [str(json_path), str(png_path)]
-    name = output_path.name[: -len(suffix)]
-    if seg_nrrd:
-        from .exports import write_seg_nrrd
-
-        result.report_files.append(str(write_seg_nrrd(result.labels, output_path.with_name(f"{name}.seg.nrrd"))))
-    if dicom_seg:
-        from .exports import write_dicom_seg
-
-        meta = model.metadata
-        written, seg_warnings = write_dicom_seg(
-            result.labels, input_path, output_path.with_name(f"{name}.seg.dcm"), meta.name, meta.version
-        )
-        result.report_files.append(str(written))
-        result.warnings += seg_warnings
+    # The extra files first, the labels last: when any of them fails, what was written is removed, so a
+    # failed case leaves nothing behind (each file is itself written atomically).
+    written: list[Path] = []
+    try:
+        _write_extras(result, input_path, output_path, image, model, report, seg_nrrd, dicom_seg, written)
+        io.write_labels(result.labels, output_path)
+    except Exception as exc:
+        for path in written:
+            path.unlink(missing_ok=True)
+        if isinstance(exc, KidneyTumorSegError):
+            raise
+        raise OutputError(
+            f"{output_path}: the results could not be written ({type(exc).__name__}: {str(exc)[:200]}); nothing "
+            "was left behind. Please report this."
+        ) from None
+    result.report_files = [str(path) for path in written]
     stages.end()
     result.timings_s = dict(stages.timings)
     return result

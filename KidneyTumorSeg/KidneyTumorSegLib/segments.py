@@ -31,47 +31,42 @@ def terminology_entry(category: Code, type_: Code, region: Code = _NO_CODE, modi
 
 @dataclass(frozen=True)
 class SegmentSpec:
-    """One output segment: the label value in the command's label file, and how Slicer shows it."""
+    """One output segment: the label value in the command's label file, how Slicer shows it, and its
+    codes (category, type, anatomic region, type modifier), from which the terminology string is made."""
 
     label: int
     name: str
     color_rgb255: tuple[int, int, int]
-    terminology: str
+    category: Code
+    type: Code
+    region: Code = _NO_CODE
+    modifier: Code = _NO_CODE
 
     @property
     def color(self) -> tuple[float, float, float]:
         return tuple(c / 255.0 for c in self.color_rgb255)  # type: ignore[return-value]
+
+    @property
+    def terminology(self) -> str:
+        return terminology_entry(self.category, self.type, self.region, self.modifier)
 
 
 # Colors: Slicer's generic anatomy colors for kidney and tumor (the QC pictures of overlay.py use the
 # same; a test keeps the two equal).
 _KIDNEY_COLOR = (185, 102, 83)
 _TUMOR = SegmentSpec(
-    TUMOR,
-    "Tumor",
-    (144, 238, 144),
-    terminology_entry(MORPHOLOGICALLY_ALTERED_STRUCTURE, NEOPLASM_CODE, region=KIDNEY_CODE),
+    TUMOR, "Tumor", (144, 238, 144), MORPHOLOGICALLY_ALTERED_STRUCTURE, NEOPLASM_CODE, region=KIDNEY_CODE
 )
 SEGMENTS: tuple[SegmentSpec, ...] = (
-    SegmentSpec(KIDNEY, "Kidney", _KIDNEY_COLOR, terminology_entry(ANATOMICAL_STRUCTURE, KIDNEY_CODE)),
+    SegmentSpec(KIDNEY, "Kidney", _KIDNEY_COLOR, ANATOMICAL_STRUCTURE, KIDNEY_CODE),
     _TUMOR,
 )
 # With "separate left and right kidney" (labels of ``laterality.split_kidneys``: 1 right, 2 tumor, 3 left);
 # the left kidney a little lighter so the two can be told apart where they are drawn side by side.
 SPLIT_SEGMENTS: tuple[SegmentSpec, ...] = (
-    SegmentSpec(
-        RIGHT_KIDNEY,
-        "Kidney, right",
-        _KIDNEY_COLOR,
-        terminology_entry(ANATOMICAL_STRUCTURE, KIDNEY_CODE, modifier=RIGHT_CODE),
-    ),
+    SegmentSpec(RIGHT_KIDNEY, "Kidney, right", _KIDNEY_COLOR, ANATOMICAL_STRUCTURE, KIDNEY_CODE, modifier=RIGHT_CODE),
     _TUMOR,
-    SegmentSpec(
-        LEFT_KIDNEY,
-        "Kidney, left",
-        (212, 140, 120),
-        terminology_entry(ANATOMICAL_STRUCTURE, KIDNEY_CODE, modifier=LEFT_CODE),
-    ),
+    SegmentSpec(LEFT_KIDNEY, "Kidney, left", (212, 140, 120), ANATOMICAL_STRUCTURE, KIDNEY_CODE, modifier=LEFT_CODE),
 )
 
 

@@ -206,3 +206,27 @@ def test_kits19_dice_is_symmetric_bounded_and_one_on_identical_inputs(shape, see
         assert 0.0 <= ab[key] <= 1.0
     same = kits19_dice(a, a.copy())
     assert same["kidney_dice"] == same["tumor_dice"] == same["composite_dice"] == 1.0
+
+
+def test_a_failing_extra_output_leaves_no_labels_and_no_other_file(tmp_path, tiny_model_path, monkeypatch, capsys):
+    """--report and --seg-nrrd with the .seg.nrrd writer failing half-way (an error the writer's library
+    raises, injected): one clear error, exit 2, and neither the labels nor the report files remain."""
+    pytest.importorskip("slicerio")
+    from KidneyTumorSegLib import cli, exports
+
+    ct = small_ct(tmp_path / "in" / "ct.nrrd")
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def broken(labels, path, split=None):
+        Path(path).write_bytes(b"NRRD0004\n")  # a few bytes, then the library gives up
+        raise ValueError("Unsupported number of dimensions: 5")
+
+    monkeypatch.setattr(exports, "write_seg_nrrd", broken)
+    argv = ["predict", str(ct), "-o", str(out / "ct.nii.gz"), "--model", str(tiny_model_path), "--progress", "none"]
+    code = cli.main([*argv, "--report", "--seg-nrrd"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "could not be written" in errors[0] and "Unsupported number of dimensions" in errors[0]
+    assert list(out.iterdir()) == []

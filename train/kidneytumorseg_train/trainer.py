@@ -206,6 +206,39 @@ def validate(network: torch.nn.Module, recipe: Recipe, plan, cases, mapping, dev
     }
 
 
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    indices: torch.Tensor,
+    recipe: Recipe,
+    device: torch.device,
+) -> torch.Tensor:
+    """One optimisation step on one batch from the loader: to the device, augmentation there (seeded per
+    sample), forward (float16 autocast on CUDA when the recipe asks for it), Dice + cross-entropy,
+    backward, gradient clipping, optimizer step. Returns the loss. Also timed by ``bench/training.py``."""
+    t = recipe.training
+    use_amp = t.amp and device.type == "cuda"
+    images = images.to(device, non_blocking=True)
+    labels = labels.to(device, non_blocking=True)
+    seeds = [t.seed * 1_000_003 + int(i) for i in indices]
+    images, labels = augment_batch(images, labels, seeds, recipe.augmentation)
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+        logits = model(images)
+    loss = dice_ce_loss(logits, labels)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return loss
+
+
 def train(
     recipe: Recipe,
     plan,
@@ -276,22 +309,8 @@ def train(
     for images, labels, indices in loader:
         data_wait += time.perf_counter() - waited
         began = time.perf_counter()
-        images = images.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
-        seeds = [t.seed * 1_000_003 + int(i) for i in indices]
-        images, labels = augment_batch(images, labels, seeds, recipe.augmentation)
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-            logits = model(images)
-        loss = dice_ce_loss(logits, labels)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
+        loss = train_step(model, optimizer, scaler, images, labels, indices, recipe, device)
         scheduler.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
         compute += time.perf_counter() - began
         epoch_loss.append(loss.item())
         step += 1
